@@ -1,0 +1,1 @@
+"""Shared, tested helpers for the genimg-notebooks collection."""

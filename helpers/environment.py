@@ -1,0 +1,80 @@
+"""Where a notebook runs: Colab or not, which device, smoke mode, seeding and the run directory."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
+
+
+def smoke_mode() -> bool:
+    """True when the environment asks for the small, offline CI run (SMOKE=1)."""
+    value = os.environ.get("SMOKE", "0").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"SMOKE={value!r} is not understood; set SMOKE=1 for the CI-sized run or SMOKE=0 for full mode")
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """The best available device: CUDA, then Apple MPS, then CPU (or `prefer` / $DEVICE if given)."""
+    wanted = prefer or os.environ.get("DEVICE")
+    if wanted:
+        device = torch.device(wanted)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {wanted!r} was asked for but CUDA is not available; unset DEVICE or use 'cpu'")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """A short name for metrics.json, e.g. 'cuda:NVIDIA T4' or 'cpu'."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_dir(notebook: str, root: str | os.PathLike | None = None) -> Path:
+    """The folder a notebook's run writes to: $RUN_DIR/<notebook> (default runs/<notebook>), created and checked writable."""
+    base = Path(root or os.environ.get("RUN_DIR") or REPO_ROOT / "runs")
+    path = base / notebook
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"run directory '{path}' is not writable ({err.strerror}); "
+            "set RUN_DIR to a folder you can write to (in Colab, e.g. /content/runs or a mounted Google Drive)"
+        ) from err
+    return path
+
+
+def data_dir(root: str | os.PathLike | None = None) -> Path:
+    """The folder datasets are read from and downloaded to: $DATA_DIR (default data/ in the repository)."""
+    path = Path(root or os.environ.get("DATA_DIR") or REPO_ROOT / "data")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,232 @@
+"""Training plumbing shared by the notebooks: checkpoints with resume, scalar history + TensorBoard, metrics.json."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .environment import describe_device
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint was written by a model of another architecture or configuration."""
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random generator a training loop uses."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the generators saved by `rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    models: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    step: int = 0,
+    config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write models, optimizers, step, RNG state, the model config and any extra state to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "step": int(step),
+        "config": dict(config or {}),
+        "models": {name: model.state_dict() for name, model in models.items()},
+        "optimizers": {name: opt.state_dict() for name, opt in (optimizers or {}).items()},
+        "rng": rng_state(),
+        "extra": dict(extra or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _check_config(path: Path, saved: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    diffs = [f"{k}: {saved.get(k)!r} in the file, {v!r} here" for k, v in expected.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointMismatchError(
+            f"checkpoint '{path}' was saved with another configuration ({'; '.join(diffs)}); "
+            "use the parameters it was trained with, or point RUN_DIR at a new folder to start afresh"
+        )
+
+
+def _check_shapes(path: Path, name: str, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(v.shape)} here"
+             for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            part for part in (
+                f"missing {missing[:3]}" if missing else "",
+                f"unexpected {unexpected[:3]}" if unexpected else "",
+                f"shapes {wrong[:3]}" if wrong else "",
+            ) if part
+        )
+        raise CheckpointMismatchError(
+            f"checkpoint '{path}' holds a '{name}' of another architecture or image size ({detail}); "
+            "build the model with the parameters it was trained with, or point RUN_DIR at a new folder"
+        )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    models: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    config: Mapping[str, Any] | None = None,
+    restore_rng: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Load a checkpoint into `models` (and `optimizers`), checking config and shapes first; returns step/config/extra."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' not found; train first or check RUN_DIR")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(f"'{path}' is not a checkpoint written by helpers.training.save_checkpoint")
+    if config is not None:
+        _check_config(path, payload["config"], config)
+    for name, model in models.items():
+        if name not in payload["models"]:
+            raise CheckpointMismatchError(f"checkpoint '{path}' has no model '{name}' (it has {sorted(payload['models'])})")
+        _check_shapes(path, name, model, payload["models"][name])
+    for name, model in models.items():
+        model.load_state_dict(payload["models"][name])
+    for name, opt in (optimizers or {}).items():
+        opt.load_state_dict(payload["optimizers"][name])
+    if restore_rng:
+        set_rng_state(payload["rng"])
+    return {"step": payload["step"], "config": payload["config"], "extra": payload["extra"]}
+
+
+class History:
+    """Scalars per step: kept in memory for plots, written to TensorBoard, saved with checkpoints for resume."""
+
+    def __init__(self, log_dir: str | os.PathLike | None = None) -> None:
+        self.values: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, step: int, **scalars: float) -> None:
+        """Record scalars (tensors or floats) at `step`."""
+        for name, value in scalars.items():
+            value = float(value.detach()) if torch.is_tensor(value) else float(value)
+            self.values[name].append((int(step), value))
+            if self.writer is not None:
+                self.writer.add_scalar(name, value, step)
+
+    def series(self, name: str) -> tuple[list[int], list[float]]:
+        """Steps and values of one scalar."""
+        if name not in self.values:
+            raise KeyError(f"no scalar named '{name}' was logged (known: {sorted(self.values)})")
+        steps, values = zip(*self.values[name]) if self.values[name] else ((), ())
+        return list(steps), list(values)
+
+    def state_dict(self) -> dict[str, list[tuple[int, float]]]:
+        """The history as plain lists (for a checkpoint)."""
+        return {k: list(v) for k, v in self.values.items()}
+
+    def load_state_dict(self, state: Mapping[str, list[tuple[int, float]]]) -> None:
+        """Replace the history by a saved one."""
+        self.values = defaultdict(list, {k: [tuple(x) for x in v] for k, v in state.items()})
+
+    def flush(self) -> None:
+        """Write pending TensorBoard events to disk."""
+        if self.writer is not None:
+            self.writer.flush()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this run in MiB: CUDA allocator peak on a GPU, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+class Stopwatch:
+    """Wall time and item counts of a training loop, for throughput figures."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.iterations = 0
+        self.images = 0
+        self._start: float | None = None
+
+    def __enter__(self) -> "Stopwatch":
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self._start = None
+
+    def count(self, iterations: int = 1, images: int = 0) -> None:
+        """Add finished iterations and the images they processed."""
+        self.iterations += iterations
+        self.images += images
+
+    def throughput(self) -> dict[str, float]:
+        """Iterations and images per second over the timed spans."""
+        if self.seconds <= 0:
+            return {"it_per_s": 0.0, "img_per_s": 0.0}
+        return {"it_per_s": self.iterations / self.seconds, "img_per_s": self.images / self.seconds}
+
+
+def write_metrics(
+    run_dir: str | os.PathLike,
+    notebook: str,
+    smoke: bool,
+    device: torch.device,
+    iterations: int,
+    seconds: float,
+    throughput: Mapping[str, float],
+    quality: Mapping[str, Any],
+    stand_ins: list[str] | None = None,
+    **extra: Any,
+) -> Path:
+    """Write the run's metrics.json in the collection's common format and return its path."""
+    record = {
+        "notebook": notebook,
+        "mode": "smoke" if smoke else "full",
+        "device": describe_device(device),
+        "iterations": int(iterations),
+        "seconds": round(float(seconds), 3),
+        "throughput": {k: round(float(v), 4) for k, v in throughput.items()},
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "quality": dict(quality),
+        "stand_ins": list(stand_ins or []),
+        **extra,
+    }
+    path = Path(run_dir) / "metrics.json"
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    return path

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command (what CI runs): set up, then the unit tests, then every notebook under nbval in smoke mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+bash tools/setup.sh
+echo "setup: $(( $(date +%s) - start )) s"
+export SMOKE=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
+export DATA_DIR=${DATA_DIR:-$PWD/data}
+export RUN_DIR=${RUN_DIR:-$(mktemp -d -t genimg-runs-XXXX)}
+echo "DATA_DIR=$DATA_DIR RUN_DIR=$RUN_DIR"
+.venv/bin/python -m pytest -q tests/
+.venv/bin/python -m pytest -q --nbval-lax --nbval-current-env -p no:cacheprovider "${@:-notebooks/}"
+echo "test command: $(( $(date +%s) - start )) s in all"
