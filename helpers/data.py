@@ -108,10 +108,12 @@ def load_mnist_like(name: str, root: str | os.PathLike, train: bool = True) -> D
         ) from err
 
 
-def as_uint8_images(dataset: Dataset, limit: int | None = None) -> np.ndarray:
-    """The raw 28x28 uint8 images of a torchvision MNIST-like dataset (first `limit` of them)."""
-    data = dataset.data if limit is None else dataset.data[:limit]
-    return data.numpy().astype(np.uint8)
+def images_and_labels(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole (or first `limit`) MNIST-like dataset as tensors: (N, 1, 28, 28) in [-1, 1] (same as its
+    transform, applied at once so training needs no DataLoader) and (N,) labels."""
+    pixels = dataset.data[:limit] if limit else dataset.data
+    labels = dataset.targets[:limit] if limit else dataset.targets
+    return ((pixels.float() / 255.0 - 0.5) / 0.5).unsqueeze(1), labels.clone()
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -1,0 +1,146 @@
+"""Sample-quality measures that work offline for MNIST-like data, plus torchmetrics' FID where Inception loads.
+
+The Fréchet distance here is FID's formula, d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), computed in the
+128-d penultimate features of a small CNN classifier trained on the same dataset (not Inception: numbers are
+comparable only with each other, never with published FIDs). Class coverage is the entropy of the histogram of
+classes the classifier predicts for generated images: ln(10) = 2.303 nats when every class is equally frequent.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .training import load_checkpoint, save_checkpoint
+
+
+class MnistClassifier(nn.Module):
+    """Small CNN for 1x28x28 images in [-1, 1]: two conv blocks, a 128-d feature layer, 10 logits."""
+
+    def __init__(self, num_classes: int = 10, feature_dim: int = 128) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, images: Tensor) -> Tensor:
+        """The 128-d features the Fréchet distance is computed in."""
+        return self.body(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class logits."""
+        return self.head(self.body(images))
+
+
+def uint8_to_model_input(images: np.ndarray | Tensor) -> Tensor:
+    """(N, 28, 28) uint8 images -> (N, 1, 28, 28) floats in [-1, 1]."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return (images.float() / 127.5 - 1.0).reshape(-1, 1, 28, 28)
+
+
+def model_output_to_uint8(images: Tensor) -> np.ndarray:
+    """Generator output in [-1, 1] -> (N, 28, 28) uint8, the format samples.npz stores."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).reshape(-1, 28, 28).numpy()
+
+
+@torch.no_grad()
+def _batched(fn, images: Tensor, device: torch.device, batch: int = 1000) -> Tensor:
+    return torch.cat([fn(images[i:i + batch].to(device)).cpu() for i in range(0, len(images), batch)])
+
+
+def train_classifier(train_images: Tensor, train_labels: Tensor, test_images: Tensor, test_labels: Tensor,
+                     cache: str | os.PathLike, epochs: int = 2, device: torch.device = torch.device("cpu"),
+                     seed: int = 0) -> tuple[MnistClassifier, float]:
+    """Train (or load from `cache`) the feature classifier; return it with its test accuracy."""
+    model = MnistClassifier().to(device)
+    config = {"n_train": len(train_images), "epochs": epochs, "seed": seed}
+    cache = Path(cache)
+    if cache.exists():
+        extra = load_checkpoint(cache, {"classifier": model}, config=config, restore_rng=False)["extra"]
+        return model.eval(), extra["test_accuracy"]
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train_images), generator=generator)
+        for i in range(0, len(order), 128):
+            idx = order[i:i + 128]
+            loss = F.cross_entropy(model(train_images[idx].to(device)), train_labels[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    predictions = _batched(model, test_images, device).argmax(1)
+    accuracy = (predictions == test_labels).float().mean().item()
+    save_checkpoint(cache, {"classifier": model}, config=config, extra={"test_accuracy": accuracy})
+    return model, accuracy
+
+
+def frechet_distance_from_stats(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: Tensor) -> float:
+    """|mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^{1/2}), via the eigenvalues of S_a S_b (float64)."""
+    mu_a, mu_b, cov_a, cov_b = (t.double() for t in (mu_a, mu_b, cov_a, cov_b))
+    eigenvalues = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0)
+    trace_sqrt = eigenvalues.sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
+
+
+def mean_and_covariance(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean vector and (unbiased) covariance matrix of row features."""
+    if len(features) < 2:
+        raise ValueError("need at least two feature vectors for a covariance")
+    features = features.double()
+    return features.mean(0), torch.cov(features.T)
+
+
+def frechet_distance(features_a: Tensor, features_b: Tensor) -> float:
+    """Fréchet distance between two sets of feature vectors, each modelled as a Gaussian."""
+    return frechet_distance_from_stats(*mean_and_covariance(features_a), *mean_and_covariance(features_b))
+
+
+def class_coverage(predicted: Tensor, num_classes: int = 10) -> float:
+    """Entropy (nats) of the predicted-class histogram; ln(num_classes) means every class equally often."""
+    counts = torch.bincount(predicted.flatten(), minlength=num_classes).double()
+    p = counts / counts.sum()
+    return float(-(p[p > 0] * p[p > 0].log()).sum())
+
+
+class SampleQuality:
+    """Scores generated images against held-out real ones in the classifier's feature space."""
+
+    def __init__(self, classifier: MnistClassifier, real_images: Tensor, device: torch.device) -> None:
+        self.classifier = classifier.eval()
+        self.device = device
+        self.real_stats = mean_and_covariance(_batched(classifier.features, real_images, device))
+
+    def __call__(self, images: Tensor) -> dict[str, float]:
+        """FD to the real set, class coverage (nats) and its share of the maximum ln(10)."""
+        features = _batched(self.classifier.features, images, self.device)
+        predicted = self.classifier.head(features.to(self.device)).argmax(1).cpu()
+        coverage = class_coverage(predicted)
+        return {"fd": frechet_distance_from_stats(*mean_and_covariance(features), *self.real_stats),
+                "coverage_nats": coverage, "coverage_share": coverage / math.log(10)}
+
+
+def inception_fid(fake_uint8: np.ndarray, real_uint8: np.ndarray, device: torch.device) -> tuple[float | None, str]:
+    """torchmetrics' FID (Inception-v3, 2048-d) when its weights load; else None and the reason."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        fid = FrechetInceptionDistance(feature=2048).to(device)
+    except Exception as err:  # missing torch-fidelity or no internet for the weights
+        return None, f"Inception FID unavailable here ({type(err).__name__}: {str(err)[:120]})"
+    for images, real in ((real_uint8, True), (fake_uint8, False)):
+        for i in range(0, len(images), 500):
+            batch = torch.as_tensor(images[i:i + 500]).unsqueeze(1).repeat(1, 3, 1, 1)
+            resized = F.interpolate(batch.float(), size=299, mode="bilinear").round().clamp(0, 255)
+            fid.update(resized.to(torch.uint8).to(device), real=real)
+    return float(fid.compute()), "Inception FID (torchmetrics, 2048-d)"

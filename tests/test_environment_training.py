@@ -1,0 +1,133 @@
+"""environment and training helpers: smoke flag, run directory, checkpoints with resume, history, metrics.json."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers.environment import pick_device, run_dir, seed_everything, smoke_mode
+from helpers.training import (CheckpointMismatchError, History, Stopwatch, load_checkpoint, save_checkpoint,
+                              write_metrics)
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("0", False), ("", False)])
+def test_smoke_mode_reads_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("SMOKE", value)
+    assert smoke_mode() is expected
+
+
+def test_smoke_mode_rejects_unclear_values(monkeypatch):
+    monkeypatch.setenv("SMOKE", "maybe")
+    with pytest.raises(ValueError, match="SMOKE=1"):
+        smoke_mode()
+
+
+def test_pick_device_falls_back_to_cpu_without_accelerators(monkeypatch):
+    monkeypatch.delenv("DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device().type == "cpu"
+
+
+def test_pick_device_refuses_cuda_when_absent(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        pick_device("cuda")
+
+
+def test_run_dir_is_created_under_RUN_DIR(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUN_DIR", str(tmp_path))
+    assert run_dir("01_mnist_gan") == tmp_path / "01_mnist_gan"
+    assert (tmp_path / "01_mnist_gan").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
+def test_run_dir_not_writable_says_what_to_do(tmp_path):
+    tmp_path.chmod(0o500)
+    with pytest.raises(PermissionError, match="set RUN_DIR"):
+        run_dir("x", root=tmp_path)
+
+
+def test_run_dir_under_a_file_says_what_to_do(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="not writable.*set RUN_DIR"):
+        run_dir("x", root=blocker)
+
+
+def _model(width: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Linear(3, width), nn.ReLU(), nn.Linear(width, 1))
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_step_and_rng(tmp_path):
+    seed_everything(0)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / "c.pt", {"m": model}, {"m": opt}, step=7, config={"width": 4},
+                           extra={"note": "hi"})
+    expected_draws = (torch.rand(3), np.random.rand(), random.random())
+
+    fresh = _model()
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    torch.manual_seed(123)  # disturb the generators; loading must restore them
+    state = load_checkpoint(path, {"m": fresh}, {"m": fresh_opt}, config={"width": 4})
+    assert state["step"] == 7 and state["extra"] == {"note": "hi"}
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert torch.equal(torch.rand(3), expected_draws[0])
+    assert np.random.rand() == expected_draws[1] and random.random() == expected_draws[2]
+
+
+def test_checkpoint_from_another_architecture_is_refused_clearly(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"G": _model(4)})
+    with pytest.raises(CheckpointMismatchError, match="another architecture or image size.*RUN_DIR"):
+        load_checkpoint(path, {"G": _model(8)})
+
+
+def test_checkpoint_with_another_config_is_refused_clearly(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"G": _model()}, config={"image_size": 28})
+    with pytest.raises(CheckpointMismatchError, match="image_size: 28 in the file, 32 here"):
+        load_checkpoint(path, {"G": _model()}, config={"image_size": 32})
+
+
+def test_missing_checkpoint_and_foreign_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train first"):
+        load_checkpoint(tmp_path / "nope.pt", {"G": _model()})
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointMismatchError, match="not a checkpoint"):
+        load_checkpoint(tmp_path / "other.pt", {"G": _model()})
+
+
+def test_history_logs_series_and_survives_a_state_round_trip(tmp_path):
+    history = History(tmp_path / "tb")
+    history.log(1, loss=torch.tensor(2.0), acc=0.5)
+    history.log(2, loss=1.0)
+    assert history.series("loss") == ([1, 2], [2.0, 1.0])
+    restored = History()
+    restored.load_state_dict(history.state_dict())
+    assert restored.series("loss") == ([1, 2], [2.0, 1.0])
+    history.flush()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+    with pytest.raises(KeyError, match="no scalar named 'nope'"):
+        history.series("nope")
+
+
+def test_stopwatch_throughput():
+    watch = Stopwatch()
+    watch.seconds = 2.0
+    watch.count(10, 640)
+    assert watch.throughput() == {"it_per_s": 5.0, "img_per_s": 320.0}
+
+
+def test_metrics_json_has_the_common_fields(tmp_path):
+    path = write_metrics(tmp_path, "01_mnist_gan", True, torch.device("cpu"), 10, 1.5, {"it_per_s": 6.6667},
+                         {"fd": 3.2}, ["5k MNIST"])
+    record = json.loads(path.read_text())
+    assert record["mode"] == "smoke" and record["device"] == "cpu" and record["quality"] == {"fd": 3.2}
+    assert record["peak_memory_mb"] > 0 and record["stand_ins"] == ["5k MNIST"]
