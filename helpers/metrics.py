@@ -120,7 +120,13 @@ class SampleQuality:
     def __init__(self, classifier: MnistClassifier, real_images: Tensor, device: torch.device) -> None:
         self.classifier = classifier.eval()
         self.device = device
-        self.real_stats = mean_and_covariance(_batched(classifier.features, real_images, device))
+        self.real_features = _batched(classifier.features, real_images, device)
+        self.real_stats = mean_and_covariance(self.real_features)
+
+    def real_vs_real(self) -> float:
+        """FD between the two halves of the real set: the floor that sampling noise alone gives."""
+        half = len(self.real_features) // 2
+        return frechet_distance(self.real_features[:half], self.real_features[half:2 * half])
 
     def __call__(self, images: Tensor) -> dict[str, float]:
         """FD to the real set, class coverage (nats) and its share of the maximum ln(10)."""
