@@ -131,7 +131,8 @@ def load_pipeline(model_id: str, dtype: torch.dtype = torch.float32, device: str
     from diffusers import StableDiffusionPipeline
 
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)  # works on all versions; newer prefer `dtype`
+        # `torch_dtype` works on every diffusers version (the newest prefer `dtype`)
+        pipe = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
     except Exception as err:
         raise ModelLoadError(
             f"could not load the Stable Diffusion model {model_id!r} ({type(err).__name__}: {str(err)[:300]}). "
@@ -211,7 +212,9 @@ def save_lora(unet: nn.Module, folder: str | os.PathLike) -> Path:
 
 def lora_weights(unet: nn.Module) -> dict[str, Tensor]:
     """Every LoRA tensor of a peft-adapted UNet by parameter name (adapter name removed), detached on the CPU."""
-    return {n.replace(".default", "").replace(".trained", ""): p.detach().float().cpu()
+    import re
+
+    return {re.sub(r"\.(lora_[AB])\.[^.]+\.", r".\1.", n): p.detach().float().cpu()
             for n, p in unet.named_parameters() if "lora_" in n}
 
 
@@ -295,6 +298,12 @@ def read_image_folder(folder: str | os.PathLike) -> tuple[list[Path], list[str]]
     return images, check_captions(captions, f"'{folder}'", [p.name for p in images])
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header."""
+    with Image.open(path) as image:
+        return image.size
+
+
 class CaptionedImages(Dataset):
     """Images (paths or PIL images, any size and mode) with captions, as {'pixel_values', 'caption'} at one resolution."""
 
@@ -326,7 +335,8 @@ class CaptionedImages(Dataset):
         for column in (image_column, caption_column):
             if column not in rows.column_names:
                 raise KeyError(f"dataset {name!r} has no column {column!r} (it has {rows.column_names})")
-        return cls(_Column(rows, image_column), rows[caption_column], resolution, random_flip, source=f"dataset {name!r}")
+        captions = list(rows[caption_column])
+        return cls(_Column(rows, image_column), captions, resolution, random_flip, source=f"dataset {name!r}")
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -388,11 +398,10 @@ def make_shape_images(folder: str | os.PathLike, count: int = 8, seed: int = 0) 
 def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
              size: int) -> Tensor:
     """Images in [0, 1] of shape (len(prompts) * len(seeds), 3, size, size): prompt-major, one generator per seed."""
-    device = pipe.unet.device if pipe.unet.device.type != "meta" else "cpu"
     images = []
     for prompt in prompts:
         for seed in seeds:
-            generator = torch.Generator(device=device).manual_seed(seed)
+            generator = torch.Generator(device=pipe.device).manual_seed(seed)
             out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
                        generator=generator, output_type="pt")
             images.append(out.images.float().cpu())
@@ -442,8 +451,10 @@ def parameter_fingerprints(module: nn.Module) -> dict[str, str]:
     """A SHA-1 of every parameter's bytes by name (peft's `.base_layer` removed), to show later what changed."""
     import hashlib
 
-    return {name.replace(".base_layer", ""): hashlib.sha1(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
-            for name, p in module.named_parameters()}
+    def digest(p: Tensor) -> str:
+        return hashlib.sha1(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+
+    return {name.replace(".base_layer", ""): digest(p) for name, p in module.named_parameters()}
 
 
 def show_image_table(images: Tensor, row_labels: Sequence[str], column_labels: Sequence[str], title: str,

@@ -161,7 +161,8 @@ def test_batches_cover_each_epoch_and_repeat_exactly():
 
 
 def test_a_model_that_cannot_load_says_what_to_do(tmp_path):
-    with pytest.raises(sd_lora.ModelLoadError, match=r"could not load the Stable Diffusion model '.*empty'.*model_index.json"):
+    message = r"could not load the Stable Diffusion model '.*empty'.*model_index.json"
+    with pytest.raises(sd_lora.ModelLoadError, match=message):
         sd_lora.load_pipeline(str(tmp_path / "empty"))
     with pytest.raises(sd_lora.ModelLoadError, match="could not load the Stable Diffusion model 'not a valid id!'"):
         sd_lora.load_pipeline("not a valid id!")
@@ -194,7 +195,8 @@ def test_mixed_precision_choice_on_cpu():
 def test_clip_score_by_hand():
     # pair 1: cos((1, 0), (1, 1)) = 1/sqrt(2) = 0.70711 -> 70.711; pair 2: cos((1, 0), (-1, 0)) = -1 -> clipped to 0
     # mean (70.711 + 0) / 2 = 35.355
-    score = sd_lora.clip_score_from_embeddings(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
+    images, texts = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    score = sd_lora.clip_score_from_embeddings(images, texts)
     assert score.item() == pytest.approx(35.3553, abs=1e-3)
 
 
