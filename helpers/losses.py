@@ -77,7 +77,6 @@ def noise_prediction_loss(pred: Tensor, target: Tensor, snr: Tensor | None = Non
     return (weight * per_item).mean()
 
 
-
 # --- Neural style transfer: Gram matrix, content, style and total-variation losses (Gatys et al. 2016; notebook 03)
 
 
@@ -124,3 +123,44 @@ def total_variation_loss(images: Tensor) -> Tensor:
     vertical = (images[..., 1:, :] - images[..., :-1, :]).square().mean()
     horizontal = (images[..., :, 1:] - images[..., :, :-1]).square().mean()
     return vertical + horizontal
+
+
+# --- Text-to-image GAN: GAN-CLS and GAN-INT (Reed et al. 2016; notebook 04) -------------------------------------
+
+
+def gan_cls_discriminator_loss(real_right: Tensor, real_wrong: Tensor, fake_right: Tensor) -> Tensor:
+    """Matching-aware D loss on logits: BCE(s_r, 1) + 1/2 [BCE(s_w, 0) + BCE(s_f, 0)].
+
+    s_r = D(real image, right text), s_w = D(real image, wrong text), s_f = D(G(z, right text), right text).
+    """
+    real = F.binary_cross_entropy_with_logits(real_right, torch.ones_like(real_right))
+    wrong = F.binary_cross_entropy_with_logits(real_wrong, torch.zeros_like(real_wrong))
+    fake = F.binary_cross_entropy_with_logits(fake_right, torch.zeros_like(fake_right))
+    return real + 0.5 * (wrong + fake)
+
+
+def gan_cls_generator_loss(fake_right: Tensor, fake_interpolated: Tensor | None = None) -> Tensor:
+    """Non-saturating G loss on logits: BCE(D(G(z, t), t), 1), plus BCE(D(G(z, t_int), t_int), 1) for GAN-INT."""
+    loss = F.binary_cross_entropy_with_logits(fake_right, torch.ones_like(fake_right))
+    if fake_interpolated is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(fake_interpolated, torch.ones_like(fake_interpolated))
+    return loss
+
+
+def interpolate_embeddings(t1: Tensor, t2: Tensor, beta: float = 0.5) -> Tensor:
+    """GAN-INT: beta * t1 + (1 - beta) * t2, a point between two captions' embeddings (the paper uses beta = 0.5)."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta}; GAN-INT interpolates, so use 0 <= beta <= 1 (the paper uses 0.5)")
+    if t1.shape != t2.shape:
+        raise ValueError(f"embeddings of shapes {tuple(t1.shape)} and {tuple(t2.shape)} cannot be interpolated")
+    return beta * t1 + (1 - beta) * t2
+
+
+def feature_matching_mse(fake_features: Tensor, real_features: Tensor) -> Tensor:
+    """Seed's MSE term: mean over channels/positions of (batch mean of D's features on fakes - on reals)^2."""
+    return F.mse_loss(fake_features.mean(dim=0), real_features.detach().mean(dim=0))
+
+
+def l1_image_loss(fake: Tensor, real: Tensor) -> Tensor:
+    """Seed's L1 term: mean |G(z, t) - x| between a generated image and the real image of the same caption."""
+    return F.l1_loss(fake, real.detach())

