@@ -354,6 +354,13 @@ def feature_diversity(images: Tensor, vgg: VGG19Features) -> float:
     return float(sum(distances) / len(distances))
 
 
+def lpips_diversity(images: Tensor, lpips: Callable[[Tensor, Tensor], Tensor]) -> float:
+    """Mean over pairs of an LPIPS metric (e.g. torchmetrics' LearnedPerceptualImagePatchSimilarity), the DFP paper's."""
+    with torch.no_grad():
+        distances = [float(lpips(images[i:i + 1], images[j:j + 1])) for i, j in _pairs(len(images))]
+    return sum(distances) / len(distances)
+
+
 def pixel_diversity(images: Tensor) -> float:
     """Mean over pairs of the mean absolute RGB difference (images in [0, 1]), DFP's pixel distance."""
     distances = [(images[i] - images[j]).abs().mean() for i, j in _pairs(len(images))]

@@ -234,3 +234,9 @@ def test_feature_diversity(vgg):
     assert 0.0 < value <= 4.0
     with pytest.raises(ValueError, match="at least 2 images"):
         style.pixel_diversity(image)
+
+
+def test_lpips_diversity_averages_a_metric_over_pairs():
+    # A stand-in "metric": |mean(a) - mean(b)|. Means 0, 0.5, 1 -> pairs 0.5, 1, 0.5 -> 2/3.
+    images = torch.stack([torch.full((3, 4, 4), v) for v in (0.0, 0.5, 1.0)])
+    assert style.lpips_diversity(images, lambda a, b: (a.mean() - b.mean()).abs()) == pytest.approx(2 / 3)
