@@ -77,7 +77,6 @@ def noise_prediction_loss(pred: Tensor, target: Tensor, snr: Tensor | None = Non
     return (weight * per_item).mean()
 
 
-
 # --- Neural style transfer: Gram matrix, content, style and total-variation losses (Gatys et al. 2016; notebook 03)
 
 
