@@ -384,7 +384,8 @@ def make_shape_images(folder: str | os.PathLike, count: int = 8, seed: int = 0) 
         shape = rng.choice(["circle", "square"])
         width, height = sizes[i % len(sizes)]
         image = Image.new("RGB", (width, height), SHAPE_COLOURS[background])
-        box = [width * 0.25, height * 0.25, width * 0.75, height * 0.75]
+        half = min(width, height) // 4
+        box = [width // 2 - half, height // 2 - half, width // 2 + half, height // 2 + half]
         draw = ImageDraw.Draw(image)
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=SHAPE_COLOURS[colour])
         image.save(folder / f"shape_{i:02d}.png")
