@@ -143,6 +143,22 @@ def test_images_without_captions_are_named(tmp_path):
         sd_lora.CaptionedImages([Image.new("RGB", (8, 8))] * 2, ["ok", None], 8)
 
 
+def test_hub_style_dataset_through_datasets(tmp_path):
+    pytest.importorskip("datasets")                          # Colab has it; CI does not install it
+    Image.new("RGB", (48, 30)).save(tmp_path / "a.png")
+    Image.new("RGB", (30, 48)).save(tmp_path / "b.png")
+    rows = [{"file_name": "a.png", "text": "wide"}, {"file_name": "b.png", "text": ""}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(sd_lora.MissingCaptionError, match="1 of 2 images in dataset .* no caption: row 1"):
+        sd_lora.CaptionedImages.from_hub(str(tmp_path), 16)
+    rows[1]["text"] = "tall"
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dataset = sd_lora.CaptionedImages.from_hub(str(tmp_path), 16)
+    assert dataset.captions == ["wide", "tall"] and dataset[1]["pixel_values"].shape == (3, 16, 16)
+    with pytest.raises(KeyError, match="has no column 'caption'"):
+        sd_lora.CaptionedImages.from_hub(str(tmp_path), 16, caption_column="caption")
+
+
 def test_empty_or_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no images"):
         sd_lora.CaptionedImages.from_folder(tmp_path, 32)
