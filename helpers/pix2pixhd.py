@@ -1,0 +1,471 @@
+"""Pix2PixHD (Wang et al. 2018): generators, multi-scale PatchGAN, input encoding, data, LR schedule and metrics.
+
+Layer lists follow the paper and NVIDIA/pix2pixHD `models/networks.py` (written afresh here, not copied), so the
+parameter counts at the default widths match the official ones. Notebook 05 shows these classes with show_source.
+"""
+from __future__ import annotations
+
+import math
+import os
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+CMP_FACADES_URL = "https://cmp.felk.cvut.cz/~tylecr1/facade/CMP_facade_DB_base.zip"
+CMP_FACADES_CLASSES = ["(unused)", "background", "facade", "window", "door", "cornice", "sill", "balcony",
+                       "blind", "deco", "molding", "pillar", "shop"]
+PROCEDURAL_CLASSES = ["sky", "ground", "building", "window", "tree", "sun"]
+
+
+# --- input checks and encoding --------------------------------------------------------------------------------------
+
+
+def check_image_size(height: int, width: int, multiple: int = 32, what: str = "image", minimum: int = 0) -> None:
+    """Raise a ValueError unless height and width are multiples of `multiple` and at least `minimum`."""
+    if min(height, width) < minimum:
+        raise ValueError(f"{what} size {height}x{width} is below the minimum {minimum}x{minimum}: the residual blocks' "
+                         "reflection padding needs at least 2x2 pixels at the bottleneck; use larger images")
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        fix_h, fix_w = max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple)
+        raise ValueError(
+            f"{what} size {height}x{width} is not divisible by {multiple}: the generator halves it "
+            f"{int(math.log2(multiple))} times and must come back to the same size; resize or crop to e.g. "
+            f"{fix_h}x{fix_w}"
+        )
+
+
+def check_label_map(labels: Tensor, label_nc: int, what: str = "label map") -> Tensor:
+    """Return `labels` as int64 (N, H, W) after checking every value lies in 0..label_nc-1."""
+    if labels.dim() == 4 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() != 3:
+        raise ValueError(f"{what} must have shape (N, H, W) or (N, 1, H, W) of class indices, got {tuple(labels.shape)}")
+    if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+        raise ValueError(f"{what} holds non-integer values; pass class indices, not an image or a one-hot map")
+    labels = labels.long()
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= label_nc:
+        bad = sorted(set(torch.unique(labels).tolist()) - set(range(label_nc)))[:5]
+        raise ValueError(
+            f"{what} has values {bad} outside 0..{label_nc - 1} (label_nc={label_nc}); set label_nc to at least "
+            f"{high + 1}, or map those values (e.g. an 'ignore' value 255) to a valid class first"
+        )
+    return labels
+
+
+def one_hot_labels(labels: Tensor, label_nc: int) -> Tensor:
+    """(N, H, W) class indices -> (N, label_nc, H, W) one-hot float map."""
+    labels = check_label_map(labels, label_nc)
+    return F.one_hot(labels, label_nc).permute(0, 3, 1, 2).float()
+
+
+def instance_edges(instances: Tensor) -> Tensor:
+    """(N, H, W) instance ids -> (N, 1, H, W) map that is 1 where a pixel differs from a 4-neighbour, else 0."""
+    if instances.dim() == 4 and instances.shape[1] == 1:
+        instances = instances[:, 0]
+    if instances.dim() != 3:
+        raise ValueError(f"instance map must have shape (N, H, W) or (N, 1, H, W), got {tuple(instances.shape)}")
+    edge = torch.zeros_like(instances, dtype=torch.bool)
+    horizontal = instances[:, :, 1:] != instances[:, :, :-1]
+    vertical = instances[:, 1:, :] != instances[:, :-1, :]
+    edge[:, :, 1:] |= horizontal
+    edge[:, :, :-1] |= horizontal
+    edge[:, 1:, :] |= vertical
+    edge[:, :-1, :] |= vertical
+    return edge.unsqueeze(1).float()
+
+
+def encode_input(labels: Tensor, label_nc: int, instances: Tensor | None = None) -> Tensor:
+    """Generator input: one-hot labels, plus the instance-edge channel when an instance map is given."""
+    one_hot = one_hot_labels(labels, label_nc)
+    if instances is None:
+        return one_hot
+    if instances.shape[-2:] != one_hot.shape[-2:]:
+        raise ValueError(f"instance map is {tuple(instances.shape[-2:])} but the label map is "
+                         f"{tuple(one_hot.shape[-2:])}; both must have the same height and width")
+    return torch.cat([one_hot, instance_edges(instances).to(one_hot)], dim=1)
+
+
+def colorize_labels(labels: Tensor, label_nc: int) -> Tensor:
+    """(N, H, W) class indices -> (N, 3, H, W) colours in [-1, 1] for figures (matplotlib's tab20 palette)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"](np.arange(max(label_nc, 1)) % 20)[:, :3]
+    palette = torch.tensor(colours, dtype=torch.float32) * 2 - 1
+    return palette[check_label_map(labels.cpu(), label_nc)].permute(0, 3, 1, 2)
+
+
+def input_channels(label_nc: int, use_instance: bool) -> int:
+    """Channels of the encoded input: label_nc one-hot planes (+1 edge map); label_nc 0 means an RGB input."""
+    return (label_nc if label_nc > 0 else 3) + int(use_instance)
+
+
+# --- generator ------------------------------------------------------------------------------------------------------
+
+
+def init_weights(module: nn.Module) -> None:
+    """Official initialisation: conv weights drawn from N(0, 0.02); biases keep PyTorch's default."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+
+
+def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int = 1, reflect: int = 0) -> list[nn.Module]:
+    """[ReflectionPad] + Conv + InstanceNorm + ReLU (zero padding 1 for the stride-2 3x3 downsamplings)."""
+    pad = [nn.ReflectionPad2d(reflect)] if reflect else []
+    conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=0 if reflect else 1)
+    return [*pad, conv, nn.InstanceNorm2d(out_ch), nn.ReLU(True)]
+
+
+def up_block(in_ch: int, out_ch: int) -> list[nn.Module]:
+    """ConvTranspose 3x3 stride 2 (doubles H and W) + InstanceNorm + ReLU."""
+    return [nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=1, output_padding=1),
+            nn.InstanceNorm2d(out_ch), nn.ReLU(True)]
+
+
+def to_rgb(in_ch: int, output_nc: int = 3) -> nn.Sequential:
+    """c7s1-3: ReflectionPad(3) + Conv7x7 to RGB + Tanh."""
+    return nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(in_ch, output_nc, 7), nn.Tanh())
+
+
+class ResnetBlock(nn.Module):
+    """x + [pad, conv3x3, IN, ReLU, pad, conv3x3, IN](x), no activation after the add."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), nn.InstanceNorm2d(channels), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), nn.InstanceNorm2d(channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Residual connection."""
+        return x + self.block(x)
+
+
+class GlobalGenerator(nn.Module):
+    """G1: c7s1-ngf, n_down x d(2k), n_blocks x R, n_down x u(k/2), c7s1-3 (paper: ngf 64, 4 down, 9 blocks)."""
+
+    def __init__(self, input_nc: int, output_nc: int = 3, ngf: int = 64, n_downsampling: int = 4,
+                 n_blocks: int = 9) -> None:
+        super().__init__()
+        self.n_downsampling = n_downsampling
+        layers = conv_block(input_nc, ngf, 7, reflect=3)
+        for i in range(n_downsampling):
+            layers += conv_block(ngf * 2**i, ngf * 2 ** (i + 1), 3, stride=2)
+        layers += [ResnetBlock(ngf * 2**n_downsampling) for _ in range(n_blocks)]
+        for i in range(n_downsampling, 0, -1):
+            layers += up_block(ngf * 2**i, ngf * 2 ** (i - 1))
+        self.features = nn.Sequential(*layers)
+        self.to_rgb = to_rgb(ngf, output_nc)
+        self.apply(init_weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encoded input map (N, C, H, W) -> image (N, 3, H, W) in [-1, 1]."""
+        check_image_size(x.shape[-2], x.shape[-1], 2**self.n_downsampling, "global generator input",
+                         minimum=2 ** (self.n_downsampling + 1))
+        return self.to_rgb(self.features(x))
+
+
+def downsample(x: Tensor) -> Tensor:
+    """The official 2x downsampling: AvgPool2d(3, stride 2, padding 1, count_include_pad=False)."""
+    return F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+
+
+class LocalEnhancer(nn.Module):
+    """G = {G1, G2}: G1 (width 2*ngf, no RGB head) runs on the half-size input; its features are added to G2's."""
+
+    def __init__(self, input_nc: int, output_nc: int = 3, ngf: int = 32, n_downsample_global: int = 4,
+                 n_blocks_global: int = 9, n_blocks_local: int = 3) -> None:
+        super().__init__()
+        self.multiple = 2 ** (n_downsample_global + 1)
+        self.global_features = GlobalGenerator(input_nc, output_nc, 2 * ngf, n_downsample_global,
+                                               n_blocks_global).features
+        self.local_down = nn.Sequential(*conv_block(input_nc, ngf, 7, reflect=3),
+                                        *conv_block(ngf, 2 * ngf, 3, stride=2))
+        self.local_up = nn.Sequential(*[ResnetBlock(2 * ngf) for _ in range(n_blocks_local)], *up_block(2 * ngf, ngf))
+        self.to_rgb = to_rgb(ngf, output_nc)
+        for part in (self.local_down, self.local_up, self.to_rgb):
+            part.apply(init_weights)
+
+    def load_global(self, generator: GlobalGenerator) -> None:
+        """Start from a trained global generator (stage 1); its RGB head is not used here."""
+        self.global_features.load_state_dict(generator.features.state_dict())
+
+    def freeze_global(self, frozen: bool) -> None:
+        """Freeze (or unfreeze) G1, as in the first `niter_fix_global` epochs of stage 2."""
+        self.global_features.requires_grad_(not frozen)
+
+    def local_parameters(self) -> list[nn.Parameter]:
+        """Parameters of G2 only (what stage 2 trains while G1 is frozen)."""
+        return [p for part in (self.local_down, self.local_up, self.to_rgb) for p in part.parameters()]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encoded input map (N, C, H, W) -> image (N, 3, H, W) in [-1, 1]."""
+        check_image_size(x.shape[-2], x.shape[-1], self.multiple, "local enhancer input", minimum=2 * self.multiple)
+        return self.to_rgb(self.local_up(self.local_down(x) + self.global_features(downsample(x))))
+
+
+# --- discriminator --------------------------------------------------------------------------------------------------
+
+
+class NLayerDiscriminator(nn.Module):
+    """70x70 PatchGAN: C64 (no norm), C128, C256, C512 (stride 1), then a 1-channel map; k4, padding 2, LReLU 0.2."""
+
+    def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3) -> None:
+        super().__init__()
+        blocks = [nn.Sequential(nn.Conv2d(input_nc, ndf, 4, stride=2, padding=2), nn.LeakyReLU(0.2, True))]
+        channels = ndf
+        for n in range(1, n_layers + 1):
+            previous, channels = channels, min(channels * 2, 512)
+            stride = 2 if n < n_layers else 1
+            blocks.append(nn.Sequential(nn.Conv2d(previous, channels, 4, stride=stride, padding=2),
+                                        nn.InstanceNorm2d(channels), nn.LeakyReLU(0.2, True)))
+        blocks.append(nn.Sequential(nn.Conv2d(channels, 1, 4, stride=1, padding=2)))
+        self.blocks = nn.ModuleList(blocks)
+        self.apply(init_weights)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Every block's output: n_layers + 1 intermediate features for feature matching, then the patch map."""
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        return outputs
+
+
+class MultiscaleDiscriminator(nn.Module):
+    """num_D independent PatchGANs on the (input map, image) pair at full, 1/2, 1/4 ... resolution."""
+
+    def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, num_D: int = 3) -> None:
+        super().__init__()
+        self.n_layers = n_layers
+        self.scales = nn.ModuleList(NLayerDiscriminator(input_nc, ndf, n_layers) for _ in range(num_D))
+
+    def forward(self, input_map: Tensor, image: Tensor) -> list[list[Tensor]]:
+        """One list of block outputs per scale, full resolution first."""
+        if input_map.shape[-2:] != image.shape[-2:]:
+            raise ValueError(f"input map is {tuple(input_map.shape[-2:])} but the image is {tuple(image.shape[-2:])}; "
+                             "the discriminator needs them at the same size")
+        x = torch.cat([input_map, image], dim=1)
+        results = []
+        for i, scale in enumerate(self.scales):
+            if i > 0:
+                x = downsample(x)
+            results.append(scale(x))
+        return results
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with requires_grad)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# --- learning-rate schedule -----------------------------------------------------------------------------------------
+
+
+def linear_decay_lr(epoch: int, base_lr: float, n_constant: int, n_decay: int) -> float:
+    """LR of 0-based `epoch`: base_lr for epochs 0..n_constant, then down by base_lr/n_decay each epoch, to 0."""
+    if n_decay <= 0:
+        return base_lr
+    return base_lr * max(0.0, 1.0 - max(0, epoch - n_constant) / n_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+
+def _disc(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+
+
+def procedural_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One label map, instance map and RGB image (H, W, 3 in [0, 1]) of a toy street: sky, ground, buildings, ..."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    horizon = rng.uniform(0.6, 0.8)
+    label = np.where(yy < horizon, 0, 1).astype(np.int64)
+    instance = label.copy()
+    next_id = 2
+    if rng.random() < 0.7:
+        sun = _disc(yy, xx, rng.uniform(0.08, 0.2), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.09))
+        label[sun], instance[sun] = 5, next_id
+        next_id += 1
+    for _ in range(rng.integers(1, 4)):
+        left, width, top = rng.uniform(0, 0.7), rng.uniform(0.2, 0.4), rng.uniform(0.2, 0.45)
+        body = (xx >= left) & (xx < left + width) & (yy >= top) & (yy < horizon)
+        label[body], instance[body] = 2, next_id
+        next_id += 1
+        cell = 1 / 8
+        windows = body & ((xx - left) % cell > cell * 0.45) & ((yy - top) % cell > cell * 0.45)
+        windows &= (xx < left + width - cell * 0.3) & (yy < horizon - cell * 0.5)
+        label[windows] = 3
+    for _ in range(rng.integers(0, 3)):
+        cy, cx, r = horizon - rng.uniform(0.05, 0.1), rng.uniform(0.05, 0.95), rng.uniform(0.06, 0.1)
+        crown = _disc(yy, xx, cy, cx, r)
+        label[crown], instance[crown] = 4, next_id
+        next_id += 1
+    palette = np.array([[0.45, 0.65, 0.95], [0.30, 0.55, 0.25], [0.70, 0.38, 0.28],
+                        [0.15, 0.20, 0.35], [0.10, 0.40, 0.15], [1.00, 0.85, 0.25]], dtype=np.float32)
+    image = palette[label]
+    sky = label == 0
+    image[sky] += (0.35 * (yy[sky] / horizon))[:, None]
+    ground = label == 1
+    image[ground] *= (1.2 - 0.5 * (yy[ground] - horizon) / (1 - horizon))[:, None]
+    image[label == 4] *= (0.5 + 0.6 * (1 - yy[label == 4]))[:, None]
+    edges = instance_edges(torch.from_numpy(instance)[None])[0, 0].numpy().astype(bool)
+    image[edges & (label == 2)] *= 0.45
+    return label, instance, np.clip(image, 0, 1)
+
+
+class ProceduralLabelImages(Dataset):
+    """Offline data a CPU model can learn: toy street label maps (6 classes, instance ids) -> rendered photos."""
+
+    label_nc = len(PROCEDURAL_CLASSES)
+    class_names = PROCEDURAL_CLASSES
+
+    def __init__(self, count: int, size: int, seed: int = 0) -> None:
+        check_image_size(size, size, 16, "procedural image")
+        rng = np.random.default_rng(seed)
+        scenes = [procedural_scene(rng, size) for _ in range(count)]
+        self.labels = torch.from_numpy(np.stack([s[0] for s in scenes]))
+        self.instances = torch.from_numpy(np.stack([s[1] for s in scenes]))
+        self.images = torch.from_numpy(np.stack([s[2] for s in scenes])).permute(0, 3, 1, 2) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        """{'label': (H, W) int64, 'instance': (H, W) int64, 'image': (3, H, W) in [-1, 1]}."""
+        return {"label": self.labels[index], "instance": self.instances[index], "image": self.images[index]}
+
+
+def _read_label(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        if img.mode not in ("L", "P", "I", "I;16"):
+            raise ValueError(f"label map '{path}' is a {img.mode} image; it must hold one class index per pixel "
+                             "(mode L or P), not colours")
+        return np.array(img, dtype=np.int64)
+
+
+class PairedFolderDataset(Dataset):
+    """Photos and label maps with the same file stem (e.g. cmp_b0001.jpg + cmp_b0001.png), resized to `size`."""
+
+    def __init__(self, image_dir: str | os.PathLike, label_dir: str | os.PathLike, size: int, label_nc: int,
+                 image_suffix: str = ".jpg", label_suffix: str = ".png", names: Sequence[str] | None = None) -> None:
+        check_image_size(size, size, 32, "dataset IMAGE_SIZE")
+        self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
+        self.size, self.label_nc = size, label_nc
+        self.image_suffix, self.label_suffix = image_suffix, label_suffix
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"photo folder '{self.image_dir}' not found; download the data first "
+                                    "(download_cmp_facades) or point it at your own paired folders")
+        stems = sorted(p.stem for p in self.image_dir.glob(f"*{image_suffix}"))
+        if names is not None:
+            stems = [s for s in stems if s in set(names)]
+        if not stems:
+            raise FileNotFoundError(f"no '*{image_suffix}' photos in '{self.image_dir}'; check the folder and suffix")
+        missing = [s + label_suffix for s in stems if not (self.label_dir / (s + label_suffix)).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} photo(s) in '{self.image_dir}' have no label map in '{self.label_dir}' "
+                f"(e.g. {', '.join(missing[:3])}); every photo needs a label map with the same name, or remove it"
+            )
+        self.stems = stems
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        """{'label': (size, size) int64, 'image': (3, size, size) in [-1, 1]}."""
+        stem = self.stems[index]
+        image_path = self.image_dir / (stem + self.image_suffix)
+        label_path = self.label_dir / (stem + self.label_suffix)
+        label = _read_label(label_path)
+        with Image.open(image_path) as img:
+            photo = img.convert("RGB")
+        if photo.size != (label.shape[1], label.shape[0]):
+            raise ValueError(f"photo '{image_path.name}' is {photo.size[0]}x{photo.size[1]} but its label map "
+                             f"'{label_path.name}' is {label.shape[1]}x{label.shape[0]} (width x height); "
+                             "a pair must have the same size")
+        check_label_map(torch.from_numpy(label)[None], self.label_nc, f"label map '{label_path.name}'")
+        label = np.array(Image.fromarray(label.astype(np.uint8)).resize((self.size, self.size), Image.NEAREST))
+        photo = photo.resize((self.size, self.size), Image.BICUBIC)
+        image = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+        return {"label": torch.from_numpy(label.astype(np.int64)), "image": image}
+
+
+def download_cmp_facades(root: str | os.PathLike, url: str = CMP_FACADES_URL) -> Path:
+    """Download and unpack the CMP Facade Database (base, 378 pairs, ~34 MB) once; return the folder of pairs."""
+    root = Path(root) / "cmp_facades"
+    folder = root / "base"
+    if folder.is_dir() and any(folder.glob("*.jpg")):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / "CMP_facade_DB_base.zip"
+    try:
+        if not archive.is_file():
+            urllib.request.urlretrieve(url, archive.with_suffix(".part"))
+            archive.with_suffix(".part").rename(archive)
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(root)
+    except (OSError, zipfile.BadZipFile) as err:
+        archive.unlink(missing_ok=True)
+        raise RuntimeError(f"could not download the CMP facades from {url} into '{root}' ({err}); connect to the "
+                           "internet, or run with SMOKE=1 / DATASET='procedural' for the offline data") from err
+    found = sorted({p.parent for p in root.rglob("*.jpg")})
+    if not found:
+        raise RuntimeError(f"'{archive}' unpacked but holds no .jpg photos; delete '{root}' and run again")
+    return found[0]
+
+
+# --- metrics --------------------------------------------------------------------------------------------------------
+
+
+def psnr(fake: Tensor, real: Tensor, data_range: float = 2.0) -> Tensor:
+    """Per-image PSNR in dB, 10 log10(range^2 / MSE), for images in [-1, 1] (range 2)."""
+    if fake.shape != real.shape:
+        raise ValueError(f"PSNR needs images of the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
+    mse = (fake.float() - real.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-10))
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
+    """(size, size) Gaussian weights summing to 1, SSIM's standard window."""
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(fake: Tensor, real: Tensor, data_range: float = 2.0, window: int = 11) -> Tensor:
+    """Per-image SSIM (Wang et al. 2004): the local SSIM map (Gaussian window 11, sigma 1.5) averaged over the valid
+    region, as the authors' reference code (torchmetrics instead pads by reflection and averages the whole map)."""
+    if fake.shape != real.shape:
+        raise ValueError(f"SSIM needs images of the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
+    if min(fake.shape[-2:]) < window:
+        raise ValueError(f"SSIM needs images of at least {window}x{window} pixels, got {tuple(fake.shape[-2:])}")
+    channels = fake.shape[1]
+    kernel = gaussian_window(window).to(fake.device).expand(channels, 1, window, window)
+    x, y = fake.float(), real.float()
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(t, kernel, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = (blur(x * x) - mu_x**2).clamp_min(0), (blur(y * y) - mu_y**2).clamp_min(0)
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
