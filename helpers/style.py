@@ -183,6 +183,7 @@ class StyleObjective(nn.Module):
         self.content_scale = sum(energy(t) for t in self.content_targets) / len(self.content_targets)
         self.layer_weights = [w / energy(0.25 * a) for w, a in zip(layer_weights, self.gram_targets)]
         self.feature_targets = [t.detach() for t in feature_targets or []]
+        self.feature_scales = [energy(t) for t in self.feature_targets]
         if feature_targets is not None and len(self.feature_targets) != len(self.style_layers):
             raise ValueError(f"got {len(self.feature_targets)} feature targets for {len(self.style_layers)} "
                              "style layers; give one per style layer")
@@ -197,8 +198,9 @@ class StyleObjective(nn.Module):
             "tv": total_variation_loss(images),
         }
         if self.feature_targets:
-            losses["feature"] = sum(content_loss(feats[n], t) / energy(t)
-                                    for n, t in zip(self.style_layers, self.feature_targets)) / len(self.style_layers)
+            terms = [content_loss(feats[n], t) / scale
+                     for n, t, scale in zip(self.style_layers, self.feature_targets, self.feature_scales)]
+            losses["feature"] = sum(terms) / len(terms)
         losses["total"] = sum(self.weights[name] * value for name, value in losses.items())
         return losses
 
@@ -355,7 +357,7 @@ def feature_diversity(images: Tensor, vgg: VGG19Features) -> float:
 
 
 def lpips_diversity(images: Tensor, lpips: Callable[[Tensor, Tensor], Tensor]) -> float:
-    """Mean over pairs of an LPIPS metric (e.g. torchmetrics' LearnedPerceptualImagePatchSimilarity), the DFP paper's."""
+    """Mean over pairs of an LPIPS metric (e.g. torchmetrics' LearnedPerceptualImagePatchSimilarity), as in DFP."""
     with torch.no_grad():
         distances = [float(lpips(images[i:i + 1], images[j:j + 1])) for i, j in _pairs(len(images))]
     return sum(distances) / len(distances)
