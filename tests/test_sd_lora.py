@@ -34,7 +34,6 @@ def test_sd15_rank4_lora_count_from_its_config_alone():
     assert lora == 797_184
     assert unet == 859_520_964                              # the SD 1.5 UNet's published size (859.5 M)
     assert round(lora * 4 / 1e6, 2) == 3.19                 # MB in fp32
-    assert sd_lora.lora_parameter_count(sd_lora.SD15_UNET_CONFIG, rank=8)[0] == 2 * 797_184
 
 
 def test_tiny_lora_count():
