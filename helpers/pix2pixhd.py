@@ -83,8 +83,29 @@ def instance_edges(instances: Tensor) -> Tensor:
     return edge.unsqueeze(1).float()
 
 
+def check_rgb_input(images: Tensor, what: str = "RGB input") -> Tensor:
+    """Return `images` if they are float (N, 3, H, W) in [-1, 1] (a sketch or edge map fed directly), else raise."""
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"{what} (label_nc=0) must be float images of shape (N, 3, H, W), got {images.dtype} "
+                         f"{tuple(images.shape)}; pass class indices with label_nc > 0 for label maps")
+    if images.min() < -1 or images.max() > 1:
+        raise ValueError(f"{what} must lie in [-1, 1], got [{images.min():.2f}, {images.max():.2f}]; "
+                         "map 0..255 pixels with x / 127.5 - 1")
+    return images
+
+
+def label_sketch(labels: Tensor, instances: Tensor | None = None) -> Tensor:
+    """A sketch of a label map: black (-1) lines on white (1) where the class or the instance changes, (N, 3, H, W)."""
+    edges = instance_edges(labels)
+    if instances is not None:
+        edges = torch.maximum(edges, instance_edges(instances))
+    return (1 - 2 * edges).repeat(1, 3, 1, 1)
+
+
 def encode_input(labels: Tensor, label_nc: int, instances: Tensor | None = None) -> Tensor:
-    """Generator input: one-hot labels, plus the instance-edge channel when an instance map is given."""
+    """Generator input: one-hot labels (+ the instance-edge channel when given); label_nc 0: RGB images as they are."""
+    if label_nc == 0:
+        return check_rgb_input(labels)
     one_hot = one_hot_labels(labels, label_nc)
     if instances is None:
         return one_hot

@@ -9,7 +9,7 @@ from PIL import Image
 from helpers.pix2pixhd import (
     GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, NLayerDiscriminator, PairedFolderDataset,
     ProceduralLabelImages, ResnetBlock, check_image_size, count_parameters, encode_input, instance_edges,
-    linear_decay_lr, one_hot_labels, psnr, ssim,
+    label_sketch, linear_decay_lr, one_hot_labels, psnr, ssim,
 )
 
 # Official defaults (Cityscapes): label_nc 35 + 1 instance-edge channel = 36 input channels, RGB output,
@@ -113,6 +113,17 @@ def test_one_hot_and_instance_edges_by_hand():
     assert instance_edges(inst)[0, 0].tolist() == [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
     x = encode_input(labels, 3, torch.tensor([[[1, 1], [1, 2]]]))
     assert x.shape == (1, 4, 2, 2) and x[0, 3].tolist() == [[0, 1], [1, 1]]
+
+
+def test_rgb_sketch_input_feeds_directly():
+    sketch = label_sketch(torch.tensor([[[0, 0, 1], [0, 0, 1]]]))
+    # the class changes between columns 1 and 2: both columns become black lines (-1), column 0 stays white (1)
+    assert sketch.shape == (1, 3, 2, 3) and sketch[0, 0].tolist() == [[1, -1, -1], [1, -1, -1]]
+    assert encode_input(sketch, 0) is sketch
+    with pytest.raises(ValueError, match=r"label_nc=0\) must be float images of shape \(N, 3, H, W\)"):
+        encode_input(torch.zeros(1, 2, 2, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\].*127.5"):
+        encode_input(torch.full((1, 3, 2, 2), 255.0), 0)
 
 
 def test_label_values_out_of_range_are_refused():
