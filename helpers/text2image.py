@@ -395,11 +395,16 @@ def flowers_class_split(folder: str | os.PathLike, n_test: int = 20, seed: int =
 
 
 class FlowersWithCaptions(torch.utils.data.Dataset):
-    """Oxford-102 images (torchvision Flowers102, all three official splits) with their Reed captions, by class split."""
+    """Oxford-102 images (torchvision Flowers102, all three official splits) of some classes, with Reed's captions.
+
+    The images are decoded once, resized (shorter side) and centre-cropped to `load_size` and kept in memory as uint8;
+    items are random `image_size` crops + flips of them (the paper's 76 -> 64) when `train`, centre crops otherwise.
+    """
 
     def __init__(self, root: str | os.PathLike, classes: Sequence[int], captions: dict[str, list[str]],
-                 image_size: int = 64, train: bool = True) -> None:
-        from torchvision import datasets, transforms
+                 image_size: int = 64, train: bool = True, load_size: int | None = None) -> None:
+        from torchvision import datasets
+        from torchvision.transforms import v2
 
         keep = set(classes)
         self.files, self.labels = [], []
@@ -410,25 +415,25 @@ class FlowersWithCaptions(torch.utils.data.Dataset):
                     self.files.append(Path(file))
                     self.labels.append(int(label))
         if not self.files:
-            raise RuntimeError("no Flowers102 image matched a caption file; check the caption folder")
+            raise RuntimeError("no Flowers102 image of these classes matched a caption file; check the caption folder")
+        load_size = load_size or image_size * 76 // 64
+        resize = v2.Compose([v2.Resize(load_size), v2.CenterCrop(load_size)])
+        self.images = torch.stack([v2.functional.pil_to_tensor(resize(Image.open(f).convert("RGB"))) for f in self.files])
         self.captions = sorted({c for f in self.files for c in captions[f.stem]})
         index = {c: i for i, c in enumerate(self.captions)}
         self.caption_ids = [[index[c] for c in captions[f.stem]] for f in self.files]
-        self.caption_groups = torch.tensor([0] * len(self.captions))
-        for f, label in zip(self.files, self.labels):
-            for c in captions[f.stem]:
-                self.caption_groups[index[c]] = label
-        crop = transforms.RandomCrop(image_size) if train else transforms.CenterCrop(image_size)
-        flip = [transforms.RandomHorizontalFlip()] if train else []
-        self.transform = transforms.Compose([transforms.Resize(image_size * 76 // 64), crop, *flip,
-                                             transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+        self.caption_groups = torch.zeros(len(self.captions), dtype=torch.long)
+        for ids, label in zip(self.caption_ids, self.labels):
+            self.caption_groups[ids] = label
+        self.transform = (v2.Compose([v2.RandomCrop(image_size), v2.RandomHorizontalFlip()]) if train
+                          else v2.CenterCrop(image_size))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
         """(image in [-1, 1], a random caption id of it, its class)."""
-        image = self.transform(Image.open(self.files[i]).convert("RGB"))
+        image = self.transform(self.images[i]).float() / 127.5 - 1
         return image, random.choice(self.caption_ids[i]), self.labels[i]
 
 

@@ -152,7 +152,16 @@ def test_attribute_accuracy_by_hand():
         t2i.attribute_accuracy(FixedClassifier(), torch.zeros(3, 3, 8, 8), attrs)
 
 
-def test_attribute_classifier_learns_real_shapes():
+@pytest.fixture
+def one_thread():
+    """Small convolutions run faster on one thread than on two spinning ones when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_attribute_classifier_learns_real_shapes(one_thread):
     data = t2i.make_shapes(600, t2i.all_combinations(), image_size=32, seed=0)
     model = t2i.train_attribute_classifier(data, steps=120, batch_size=32)
     held_out = t2i.make_shapes(200, t2i.all_combinations(), image_size=32, seed=1)
@@ -190,3 +199,30 @@ def test_flowers_captions_and_class_split(tmp_path):
     assert t2i.flowers_class_split(tmp_path) == ([1, 4], [0])
     with pytest.raises(FileNotFoundError, match="no text_c10 folder"):
         t2i.load_flowers_captions(tmp_path / "cvpr2016_flowers" / "text_c10" / "class_00001")
+
+
+def test_flowers_dataset_matches_captions_by_file_stem(tmp_path, monkeypatch):
+    from PIL import Image
+    from torchvision import datasets
+
+    files = []
+    for i in (1, 2, 3):
+        path = tmp_path / f"image_{i:05d}.jpg"
+        Image.new("RGB", (90, 80), (200, 20 * i, 0)).save(path)
+        files.append(path)
+
+    class FakeFlowers102:
+        """torchvision's Flowers102 as seen by the loader: one image per official split."""
+
+        def __init__(self, root, split, download):
+            k = ("train", "val", "test").index(split)
+            self._image_files, self._labels = [files[k]], [[0, 0, 5][k]]
+
+    monkeypatch.setattr(datasets, "Flowers102", FakeFlowers102)
+    captions = {"image_00001": ["pink petals", "round"], "image_00002": ["round"], "image_00003": ["tall stem"]}
+    ds = t2i.FlowersWithCaptions(tmp_path, classes=[0], captions=captions, image_size=32, train=False)
+    assert [f.name for f in ds.files] == ["image_00001.jpg", "image_00002.jpg"]   # class 5 left out
+    assert ds.captions == ["pink petals", "round"]                                # shared captions stored once
+    assert ds.caption_ids == [[0, 1], [1]] and ds.caption_groups.tolist() == [0, 0]
+    image, caption_id, label = ds[1]
+    assert image.shape == (3, 32, 32) and caption_id == 1 and label == 0
