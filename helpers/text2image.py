@@ -3,6 +3,7 @@ the attribute classifier behind caption accuracy, Oxford-102 Flowers captions, a
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -61,6 +62,12 @@ def check_captions(captions: Sequence[str]) -> list[str]:
     return out
 
 
+def _pooling_of_folder(folder: Path) -> str:
+    """'clip' for a local CLIP model folder, else 'mean'."""
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+    return "clip" if model_type.startswith("clip") else "mean"
+
+
 class TextEncoder:
     """A frozen transformers text encoder that turns sentences into one vector each (mean pooling, or CLIP's own)."""
 
@@ -73,7 +80,7 @@ class TextEncoder:
         if local_path and not (Path(local_path) / "config.json").is_file():
             raise FileNotFoundError(f"local copy of {encoder_id!r} not found at '{local_path}' (no config.json); "
                                     f"unset {LOCAL_ENCODER_ENV} to download it, or fix the path")
-        self.pooling = ENCODERS.get(encoder_id, "mean")
+        self.pooling = ENCODERS.get(encoder_id) or _pooling_of_folder(Path(encoder_id))
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source)
         model_class = CLIPTextModelWithProjection if self.pooling == "clip" else AutoModel
@@ -85,7 +92,6 @@ class TextEncoder:
         limits = [self.model.config.max_position_embeddings, self.tokenizer.model_max_length]
         st_config = Path(self.source) / "sentence_bert_config.json"
         if st_config.is_file():
-            import json
             limits.append(json.loads(st_config.read_text())["max_seq_length"])
         return int(min(limits))
 

@@ -226,3 +226,32 @@ def test_flowers_dataset_matches_captions_by_file_stem(tmp_path, monkeypatch):
     assert ds.caption_ids == [[0, 1], [1]] and ds.caption_groups.tolist() == [0, 0]
     image, caption_id, label = ds[1]
     assert image.shape == (3, 32, 32) and caption_id == 1 and label == 0
+
+
+def tiny_clip_text_tower(folder: Path) -> Path:
+    """A random 2-layer CLIP text tower with a letters-only tokenizer, saved like a downloaded one."""
+    import json
+    import string
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModelWithProjection(config).save_pretrained(folder)
+    return folder
+
+
+def test_clip_text_tower_gives_its_projected_sentence_vector(tmp_path):
+    encoder = t2i.TextEncoder(str(tiny_clip_text_tower(tmp_path)))
+    assert (encoder.pooling, encoder.dim, encoder.max_length) == ("clip", 16, 77)
+    with pytest.warns(UserWarning, match="more than the 77 .* truncated"):
+        out = encoder.encode(["abc", "x" * 100])
+    assert out.shape == (2, 16)
