@@ -8,7 +8,8 @@ from PIL import Image
 
 from helpers.pix2pixhd import (
     GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, NLayerDiscriminator, PairedFolderDataset,
-    ProceduralLabelImages, ResnetBlock, check_image_size, count_parameters, encode_input, instance_edges,
+    ProceduralLabelImages, ResnetBlock, check_image_size, count_parameters, download_cmp_facades, encode_input,
+    instance_edges,
     label_sketch, linear_decay_lr, one_hot_labels, psnr, ssim,
 )
 
@@ -180,6 +181,15 @@ def test_paired_folder_dataset_errors(tmp_path):
         PairedFolderDataset(tmp_path / "nope", tmp_path, 32, label_nc=13)
     with pytest.raises(ValueError, match="IMAGE_SIZE size 30x30 is not divisible by 32"):
         PairedFolderDataset(tmp_path, tmp_path, 30, label_nc=13)
+
+
+def test_cmp_facades_download_reuses_a_copy_and_explains_failures(tmp_path):
+    base = tmp_path / "cmp_facades" / "base"
+    base.mkdir(parents=True)
+    _write_pair(base, "cmp_b0001")
+    assert download_cmp_facades(tmp_path, url="http://127.0.0.1:9/none.zip") == base  # no download needed
+    with pytest.raises(RuntimeError, match="could not download the CMP facades .* SMOKE=1"):
+        download_cmp_facades(tmp_path / "empty", url="http://127.0.0.1:9/none.zip")
 
 
 def test_psnr_and_ssim_by_hand():
