@@ -5,39 +5,59 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import VGG19_Weights, vgg19
+from torchvision.models import VGG19_Weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STAND_IN_NOTE = "VGG19 with random weights (offline stand-in): its losses and images are not meaningful"
 
 
+VGG19_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+
+
 def vgg19_layer_names() -> list[str]:
-    """Names of the 37 modules of torchvision's vgg19().features, as the papers name them."""
+    """Names of the 37 modules of torchvision's vgg19().features, as the papers name them (conv1_1, relu1_1, ...)."""
     names, block, index = [], 1, 1
-    for module in vgg19(weights=None).features:
-        if isinstance(module, nn.Conv2d):
-            names.append(f"conv{block}_{index}")
-        elif isinstance(module, nn.ReLU):
-            names.append(f"relu{block}_{index}")
-            index += 1
-        else:
+    for item in VGG19_CONFIG:
+        if item == "M":
             names.append(f"pool{block}")
             block, index = block + 1, 1
+        else:
+            names += [f"conv{block}_{index}", f"relu{block}_{index}"]
+            index += 1
     return names
 
 
+def build_vgg19_features() -> nn.Sequential:
+    """VGG19's convolutional part alone (no 120M-parameter classifier), initialised as torchvision initialises it."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in VGG19_CONFIG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            conv = nn.Conv2d(channels, item, kernel_size=3, padding=1)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
+            channels = item
+    return nn.Sequential(*layers)
+
+
 def load_vgg19_features(pretrained: bool) -> nn.Sequential:
-    """torchvision's VGG19 `features`: ImageNet weights if `pretrained` (downloads once), random weights otherwise."""
+    """VGG19 `features`: torchvision's ImageNet weights if `pretrained` (downloads once), random weights otherwise."""
+    features = build_vgg19_features()
     if not pretrained:
-        return vgg19(weights=None).features
+        return features
     try:
-        return vgg19(weights=VGG19_Weights.IMAGENET1K_V1).features
+        state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     except Exception as err:  # the download is the only thing that fails here
         raise RuntimeError(
             "could not load torchvision's ImageNet VGG19 weights (needs internet once, ~550 MB, cached in "
             f"~/.cache/torch): {err}. Connect to the internet, or run with SMOKE=1 to use random weights"
         ) from err
+    features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
+    return features
 
 
 class VGG19Features(nn.Module):
