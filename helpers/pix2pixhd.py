@@ -284,11 +284,6 @@ class MultiscaleDiscriminator(nn.Module):
         return results
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (all, or only those with requires_grad)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 # --- learning-rate schedule -----------------------------------------------------------------------------------------
 
 

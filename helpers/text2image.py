@@ -524,8 +524,3 @@ class Discriminator(nn.Module):
         code = self.project(text)[:, :, None, None].expand(-1, -1, *features.shape[-2:])
         logits = self.score(self.joint(torch.cat([features, code], dim=1)))
         return logits.flatten(), features
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -24,6 +24,11 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint was written by a model of another architecture or configuration."""
 
 
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of a model (all, or only those with requires_grad)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
 def rng_state() -> dict[str, Any]:
     """The state of every random generator a training loop uses."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

@@ -8,10 +8,11 @@ from PIL import Image
 
 from helpers.pix2pixhd import (
     GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, NLayerDiscriminator, PairedFolderDataset,
-    ProceduralLabelImages, ResnetBlock, check_image_size, count_parameters, download_cmp_facades, encode_input,
+    ProceduralLabelImages, ResnetBlock, check_image_size, download_cmp_facades, encode_input,
     instance_edges,
     label_sketch, linear_decay_lr, one_hot_labels, psnr, ssim,
 )
+from helpers.training import count_parameters
 
 # Official defaults (Cityscapes): label_nc 35 + 1 instance-edge channel = 36 input channels, RGB output,
 # D input = 36 + 3 = 39 channels. A conv k x k, in -> out has k*k*in*out weights + out biases; InstanceNorm has none.

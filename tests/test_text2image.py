@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from helpers import text2image as t2i
+from helpers.training import count_parameters
 
 
 def local_minilm() -> Path:
@@ -179,10 +180,10 @@ def test_generator_and_discriminator_parameter_counts_and_shapes():
     # G (embedding 10, z 4, projection 6, ngf 2, 16 px): Linear 10*6+6 = 66, BN1d 12, ConvT 10->4 (4x4, no bias)
     # 10*4*16 = 640, BN 8, ConvT 4->2 128, BN 4, ConvT 2->3 96: total 954
     g = t2i.Generator(10, z_dim=4, projected_dim=6, ngf=2, image_size=16)
-    assert t2i.count_parameters(g) == 954
+    assert count_parameters(g) == 954
     # D: conv 3->2 96, conv 2->4 128, BN 8, projection 66 + 12, 1x1 conv 10->4 40, BN 8, 4x4 conv 4->1 64: total 422
     d = t2i.Discriminator(10, projected_dim=6, ndf=2, image_size=16)
-    assert t2i.count_parameters(d) == 422
+    assert count_parameters(d) == 422
     g64, d64 = t2i.Generator(384, ngf=8), t2i.Discriminator(384, ndf=8)
     images = g64(torch.randn(5, 100), torch.randn(5, 384))
     assert images.shape == (5, 3, 64, 64) and images.abs().max() <= 1
