@@ -58,9 +58,10 @@ def seed_everything(seed: int) -> None:
 
 
 def run_dir(notebook: str, root: str | os.PathLike | None = None) -> Path:
-    """The folder a notebook's run writes to: $RUN_DIR/<notebook> (default runs/<notebook>), created and checked writable."""
+    """The folder a notebook's run writes to: $RUN_DIR/<notebook> (default runs/<notebook>; <notebook>-smoke in smoke
+    mode, so a smoke run never resumes into a full one), created and checked writable."""
     base = Path(root or os.environ.get("RUN_DIR") or REPO_ROOT / "runs")
-    path = base / notebook
+    path = base / (f"{notebook}-smoke" if smoke_mode() else notebook)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):

@@ -38,10 +38,13 @@ def test_pick_device_refuses_cuda_when_absent(monkeypatch):
         pick_device("cuda")
 
 
-def test_run_dir_is_created_under_RUN_DIR(tmp_path, monkeypatch):
+def test_run_dir_is_created_under_RUN_DIR_and_kept_apart_in_smoke_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("SMOKE", "0")
     assert run_dir("01_mnist_gan") == tmp_path / "01_mnist_gan"
     assert (tmp_path / "01_mnist_gan").is_dir()
+    monkeypatch.setenv("SMOKE", "1")
+    assert run_dir("01_mnist_gan") == tmp_path / "01_mnist_gan-smoke"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")

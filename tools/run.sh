@@ -12,5 +12,5 @@ if [ -z "${SMOKE:-}" ]; then
 fi
 export SMOKE
 for name in ${NB:-01_mnist_gan}; do
-  .venv/bin/python tools/execute.py "notebooks/$name.ipynb" "$RUN_DIR/$name/$name.executed.ipynb"
+  .venv/bin/python tools/execute.py "notebooks/$name.ipynb" "$RUN_DIR/executed/$name.ipynb"
 done
