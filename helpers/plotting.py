@@ -1,4 +1,4 @@
-"""Figures of the collection: loss curves, sample grids, samples over iterations, side-by-side panels."""
+"""Figures of the collection: loss curves, sample grids, samples over iterations, side-by-side panels, labelled tables."""
 from __future__ import annotations
 
 import inspect
@@ -47,6 +47,15 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike | None) -> Path | None:
     return path
 
 
+def _finish(fig: plt.Figure, title: str, path: str | os.PathLike | None) -> plt.Figure:
+    """Title, tight layout, PNG, inline display: the common end of every figure helper here."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.show()
+    return fig
+
+
 def show_grid(images: Tensor, title: str, path: str | os.PathLike | None = None, nrow: int = 8,
               value_range: tuple[float, float] = (-1.0, 1.0), size: float = 6.0) -> plt.Figure:
     """Show a batch as one titled grid inline and save it as PNG."""
@@ -66,11 +75,7 @@ def show_panels(panels: Mapping[str, Tensor], title: str, path: str | os.PathLik
         batch = images if images.dim() == 4 else images.unsqueeze(0)
         _imshow(ax, image_grid(batch, nrow=nrow, value_range=value_range))
         ax.set_title(caption)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.show()
-    return fig
+    return _finish(fig, title, path)
 
 
 def plot_losses(history: History, names: Sequence[str], title: str, path: str | os.PathLike | None = None,
@@ -103,11 +108,27 @@ def show_over_iterations(snapshots: Mapping[int, Tensor], title: str, path: str 
     for ax, (step, images) in zip(axes[0], sorted(snapshots.items())):
         _imshow(ax, image_grid(images, nrow=nrow, value_range=value_range))
         ax.set_title(f"iteration {step:,}")
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.show()
-    return fig
+    return _finish(fig, title, path)
+
+
+def show_image_table(images: Tensor, row_labels: Sequence[str], column_labels: Sequence[str], title: str,
+                     path: str | os.PathLike | None = None, xlabel: str = "seed", ylabel: str = "prompt") -> plt.Figure:
+    """Images in [0, 1], (rows * columns, 3, H, W) row-major, as a table with labelled rows and columns."""
+    rows, cols = len(row_labels), len(column_labels)
+    if images.shape[0] != rows * cols:
+        raise ValueError(f"{images.shape[0]} images do not fill a {rows} x {cols} table")
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 1.5, 2.2 * rows + 0.8), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        ax.imshow(images[index].permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_xticks([])
+        ax.set_yticks([])
+        r, c = divmod(index, cols)
+        if r == rows - 1:
+            ax.set_xlabel(f"{xlabel}: {column_labels[c]}", fontsize=8)
+        if c == 0:
+            label = row_labels[r] if len(row_labels[r]) <= 28 else row_labels[r][:26] + "…"
+            ax.set_ylabel(f"{ylabel}: {label}" if ylabel else label, fontsize=7)
+    return _finish(fig, title, path)
 
 
 def show_source(obj: object) -> object:

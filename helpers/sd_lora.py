@@ -456,31 +456,3 @@ def parameter_fingerprints(module: nn.Module) -> dict[str, str]:
         return hashlib.sha1(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
 
     return {name.replace(".base_layer", ""): digest(p) for name, p in module.named_parameters()}
-
-
-def show_image_table(images: Tensor, row_labels: Sequence[str], column_labels: Sequence[str], title: str,
-                     path: str | os.PathLike | None = None, xlabel: str = "seed", ylabel: str = "prompt"):
-    """Images in [0, 1], (rows * columns, 3, H, W) row-major, as a table with labelled rows and columns."""
-    import matplotlib.pyplot as plt
-
-    from .plotting import save_figure
-
-    rows, cols = len(row_labels), len(column_labels)
-    if images.shape[0] != rows * cols:
-        raise ValueError(f"{images.shape[0]} images do not fill a {rows} x {cols} table")
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 1.5, 2.2 * rows + 0.8), squeeze=False)
-    for index, ax in enumerate(axes.flat):
-        ax.imshow(images[index].permute(1, 2, 0).clamp(0, 1).numpy())
-        ax.set_xticks([])
-        ax.set_yticks([])
-        r, c = divmod(index, cols)
-        if r == rows - 1:
-            ax.set_xlabel(f"{xlabel}: {column_labels[c]}", fontsize=8)
-        if c == 0:
-            label = row_labels[r] if len(row_labels[r]) <= 28 else row_labels[r][:26] + "…"
-            ax.set_ylabel(f"{ylabel}: {label}" if ylabel else label, fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.show()
-    return fig

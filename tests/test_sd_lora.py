@@ -8,13 +8,7 @@ from PIL import Image
 from helpers import sd_lora
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU run far faster on one thread (no OpenMP contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +214,3 @@ def test_clip_score_with_tiny_stand_in(tmp_path):
     score = sd_lora.clip_score(model, tokenizer, torch.rand(2, 3, 40, 40), ["a red circle", "a blue square"])
     assert 0 <= score <= 100
 
-
-def test_image_table_checks_its_size():
-    with pytest.raises(ValueError, match="3 images do not fill a 2 x 2 table"):
-        sd_lora.show_image_table(torch.rand(3, 3, 8, 8), ["a", "b"], [0, 1], "t")

@@ -159,14 +159,6 @@ def test_attribute_accuracy_by_hand():
         t2i.attribute_accuracy(FixedClassifier(), torch.zeros(3, 3, 8, 8), attrs)
 
 
-@pytest.fixture
-def one_thread():
-    """Small convolutions run faster on one thread than on two spinning ones when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_attribute_classifier_learns_real_shapes(one_thread):
     data = t2i.make_shapes(600, t2i.all_combinations(), image_size=32, seed=0)

@@ -1,0 +1,25 @@
+"""helpers.plotting: grids keep values and layout; tables check their size; figures are saved as PNG."""
+import pytest
+import torch
+
+from helpers.plotting import image_grid, show_image_table, show_panels, to_display
+
+
+def test_to_display_maps_minus_one_one_to_unit_range():
+    assert to_display(torch.tensor([-1.0, 0.0, 1.0, 3.0])).tolist() == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_image_grid_shape_for_a_batch_of_gray_images():
+    grid = image_grid(torch.zeros(10, 28, 28), nrow=5, padding=2)
+    assert grid.shape == (3, 2 * 28 + 3 * 2, 5 * 28 + 6 * 2)  # make_grid repeats gray to 3 channels
+
+
+def test_image_table_checks_its_size():
+    with pytest.raises(ValueError, match="3 images do not fill a 2 x 2 table"):
+        show_image_table(torch.rand(3, 3, 8, 8), ["a", "b"], [0, 1], "t")
+
+
+def test_figures_are_saved_as_png(tmp_path):
+    show_image_table(torch.rand(4, 3, 8, 8), ["a", "b"], [0, 1], "table", tmp_path / "t.png")
+    show_panels({"x": torch.zeros(3, 8, 8), "y": torch.ones(2, 3, 8, 8)}, "panels", tmp_path / "p.png")
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "p.png").stat().st_size > 0
