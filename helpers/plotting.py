@@ -111,6 +111,21 @@ def show_over_iterations(snapshots: Mapping[int, Tensor], title: str, path: str 
     return _finish(fig, title, path)
 
 
+def show_rows(rows: Mapping[str, Tensor] | Sequence[tuple[str, Tensor]], title: str,
+              path: str | os.PathLike | None = None, value_range: tuple[float, float] = (-1.0, 1.0),
+              xlabel: str | None = None) -> plt.Figure:
+    """One labelled strip of images per row (label -> batch), e.g. a caption and its samples, or input | output | target."""
+    rows = list(rows.items()) if isinstance(rows, Mapping) else list(rows)
+    ncol = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6.0, 1.4 * ncol), 1.6 * len(rows)), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows):
+        _imshow(ax, image_grid(images, nrow=len(images), value_range=value_range))
+        ax.set_title(label, fontsize=9, loc="left")
+    if xlabel:
+        axes[-1, 0].set_xlabel(xlabel)
+    return _finish(fig, title, path)
+
+
 def show_image_table(images: Tensor, row_labels: Sequence[str], column_labels: Sequence[str], title: str,
                      path: str | os.PathLike | None = None, xlabel: str = "seed", ylabel: str = "prompt") -> plt.Figure:
     """Images in [0, 1], (rows * columns, 3, H, W) row-major, as a table with labelled rows and columns."""

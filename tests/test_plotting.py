@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers.plotting import image_grid, show_image_table, show_panels, to_display
+from helpers.plotting import image_grid, show_image_table, show_panels, show_rows, to_display
 
 
 def test_to_display_maps_minus_one_one_to_unit_range():
@@ -23,3 +23,11 @@ def test_figures_are_saved_as_png(tmp_path):
     show_image_table(torch.rand(4, 3, 8, 8), ["a", "b"], [0, 1], "table", tmp_path / "t.png")
     show_panels({"x": torch.zeros(3, 8, 8), "y": torch.ones(2, 3, 8, 8)}, "panels", tmp_path / "p.png")
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_show_rows_takes_a_mapping_or_pairs_with_repeated_labels(tmp_path):
+    fig = show_rows({"input": torch.zeros(3, 3, 8, 8), "output": torch.ones(3, 3, 8, 8)}, "rows", tmp_path / "r.png",
+                    xlabel="example")
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["input", "output"]
+    fig = show_rows([("same", torch.zeros(2, 3, 8, 8)), ("same", torch.zeros(2, 3, 8, 8))], "pairs")
+    assert len(fig.axes) == 2 and (tmp_path / "r.png").stat().st_size > 0
