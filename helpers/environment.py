@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+DRIVE_MOUNT = Path("/content/drive")
+DRIVE_RUN_DIR = DRIVE_MOUNT / "MyDrive" / "genimg-runs"
+
+
+def default_root() -> Path:
+    """The repository in a checkout (it has notebooks/); else the working directory, e.g. Colab's /content
+    for a notebook run on its own (its helpers were unpacked from the notebook)."""
+    return PACKAGE_PARENT if (PACKAGE_PARENT / "notebooks").is_dir() else Path.cwd()
 
 
 def in_colab() -> bool:
@@ -57,10 +65,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_drive_for_runs(wanted: bool) -> Path | None:
+    """With `wanted` in Colab: mount Google Drive and set $RUN_DIR to a folder on it, so that checkpoints outlive
+    the runtime and a re-run resumes. Elsewhere (or not wanted) nothing changes; returns the Drive folder or None."""
+    if not wanted:
+        return None
+    if not in_colab():
+        print(f"RUN_DIR_ON_DRIVE: not in Colab, so Google Drive is not mounted; RUN_DIR stays "
+              f"{os.environ.get('RUN_DIR') or default_root() / 'runs'}")
+        return None
+    from google.colab import drive  # only in Colab
+    drive.mount(str(DRIVE_MOUNT))
+    DRIVE_RUN_DIR.mkdir(parents=True, exist_ok=True)
+    os.environ["RUN_DIR"] = str(DRIVE_RUN_DIR)
+    print(f"RUN_DIR_ON_DRIVE: runs go to {DRIVE_RUN_DIR} on your Google Drive (a re-run resumes from there)")
+    return DRIVE_RUN_DIR
+
+
 def run_dir(notebook: str, root: str | os.PathLike | None = None) -> Path:
     """The folder a notebook's run writes to: $RUN_DIR/<notebook> (default runs/<notebook>; <notebook>-smoke in smoke
     mode, so a smoke run never resumes into a full one), created and checked writable."""
-    base = Path(root or os.environ.get("RUN_DIR") or REPO_ROOT / "runs")
+    base = Path(root or os.environ.get("RUN_DIR") or default_root() / "runs")
     path = base / (f"{notebook}-smoke" if smoke_mode() else notebook)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -75,7 +100,8 @@ def run_dir(notebook: str, root: str | os.PathLike | None = None) -> Path:
 
 
 def data_dir(root: str | os.PathLike | None = None) -> Path:
-    """The folder datasets are read from and downloaded to: $DATA_DIR (default data/ in the repository)."""
-    path = Path(root or os.environ.get("DATA_DIR") or REPO_ROOT / "data")
+    """The folder datasets are read from and downloaded to: $DATA_DIR (default data/ in the repository, or in
+    the working directory for a notebook run on its own)."""
+    path = Path(root or os.environ.get("DATA_DIR") or default_root() / "data")
     path.mkdir(parents=True, exist_ok=True)
     return path

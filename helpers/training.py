@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from .environment import describe_device
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: one `state` mapping of objects with state_dict()
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -25,8 +26,10 @@ class CheckpointMismatchError(RuntimeError):
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of a model (all, or only those with requires_grad)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+    """Number of parameters of a model (all, or only those with requires_grad); a 4-bit weight (bitsandbytes
+    packs two per uint8 byte) counts as the two values it holds."""
+    return sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in module.parameters()
+               if p.requires_grad or not trainable_only)
 
 
 def rng_state() -> dict[str, Any]:
@@ -46,30 +49,52 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+class Stateful(Protocol):
+    """What a checkpoint stores: models, optimizers, History, Stopwatch, a GradScaler, a run's own state."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
 def save_checkpoint(
     path: str | os.PathLike,
-    models: Mapping[str, nn.Module],
-    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    state: Mapping[str, Stateful],
     step: int = 0,
     config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
 ) -> Path:
-    """Write models, optimizers, step, RNG state, the model config and any extra state to `path` atomically."""
+    """Write the state_dict of every object in `state` (models, optimizers, History, Stopwatch, ...), the step,
+    the RNG states, the run's config and plain `extra` values to `path` atomically. With `keep_last`, delete
+    all but the newest `keep_last` checkpoints named like this one (step-000100.pt, step-000200.pt, ...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "step": int(step),
         "config": dict(config or {}),
-        "models": {name: model.state_dict() for name, model in models.items()},
-        "optimizers": {name: opt.state_dict() for name, opt in (optimizers or {}).items()},
+        "state": {name: obj.state_dict() for name, obj in state.items()},
         "rng": rng_state(),
         "extra": dict(extra or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
+    if keep_last is not None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: keep at least the checkpoint just written (1 or more)")
+        for old in checkpoints_like(path)[:-keep_last]:
+            old.unlink()
     return path
+
+
+def checkpoints_like(path: str | os.PathLike) -> list[Path]:
+    """The files in path's folder named like `path` but for its numbers, lowest number (oldest step) first."""
+    path = Path(path)
+    shape = re.compile(re.sub(r"\d+", r"\\d+", re.escape(path.name)))
+    found = [p for p in path.parent.iterdir() if shape.fullmatch(p.name)] if path.parent.is_dir() else []
+    return sorted(found, key=lambda p: [int(n) for n in re.findall(r"\d+", p.name)])
 
 
 def _check_config(path: Path, saved: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
@@ -103,29 +128,31 @@ def _check_shapes(path: Path, name: str, model: nn.Module, state: Mapping[str, t
 
 def load_checkpoint(
     path: str | os.PathLike,
-    models: Mapping[str, nn.Module],
-    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+    state: Mapping[str, Stateful],
     config: Mapping[str, Any] | None = None,
     restore_rng: bool = True,
     map_location: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Load a checkpoint into `models` (and `optimizers`), checking config and shapes first; returns step/config/extra."""
+    """Load a checkpoint into the objects of `state` (any subset of those saved), after checking the config and
+    the models' shapes; returns its step, config and extra values."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' not found; train first or check RUN_DIR")
     payload = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointMismatchError(f"'{path}' is not a checkpoint written by helpers.training.save_checkpoint")
+        raise CheckpointMismatchError(
+            f"'{path}' is not a checkpoint of this version of helpers.training.save_checkpoint; "
+            "delete it (or point RUN_DIR at a new folder) and train again")
     if config is not None:
         _check_config(path, payload["config"], config)
-    for name, model in models.items():
-        if name not in payload["models"]:
-            raise CheckpointMismatchError(f"checkpoint '{path}' has no model '{name}' (it has {sorted(payload['models'])})")
-        _check_shapes(path, name, model, payload["models"][name])
-    for name, model in models.items():
-        model.load_state_dict(payload["models"][name])
-    for name, opt in (optimizers or {}).items():
-        opt.load_state_dict(payload["optimizers"][name])
+    absent = sorted(set(state) - set(payload["state"]))
+    if absent:
+        raise CheckpointMismatchError(f"checkpoint '{path}' has no {absent} (it has {sorted(payload['state'])})")
+    for name, obj in state.items():
+        if isinstance(obj, nn.Module):
+            _check_shapes(path, name, obj, payload["state"][name])
+    for name, obj in state.items():
+        obj.load_state_dict(payload["state"][name])
     if restore_rng:
         set_rng_state(payload["rng"])
     return {"step": payload["step"], "config": payload["config"], "extra": payload["extra"]}
@@ -200,11 +227,45 @@ class Stopwatch:
         self.iterations += iterations
         self.images += images
 
+    def state_dict(self) -> dict[str, float]:
+        """Seconds and counts so far (for a checkpoint)."""
+        return {"seconds": self.seconds, "iterations": self.iterations, "images": self.images}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        """Continue from saved seconds and counts."""
+        self.seconds, self.iterations, self.images = state["seconds"], state["iterations"], state["images"]
+
     def throughput(self) -> dict[str, float]:
         """Iterations and images per second over the timed spans."""
         if self.seconds <= 0:
             return {"it_per_s": 0.0, "img_per_s": 0.0}
         return {"it_per_s": self.iterations / self.seconds, "img_per_s": self.images / self.seconds}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until the device has finished its queued work (CUDA and MPS run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def time_per_step(step: Callable[[], object], device: torch.device, iterations: int = 20,
+                  warmup: int = 3) -> dict[str, float | None]:
+    """Mean wall-clock time of `step()` over `iterations` calls after `warmup` untimed ones, with the device
+    synchronised before and after the timed calls (not between them); CUDA peak memory of the timed calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    synchronize(device)
+    ms = (time.perf_counter() - start) * 1000 / iterations
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"ms_per_step": ms, "it_per_s": 1000 / ms, "peak_memory_mb": peak}
 
 
 def write_metrics(

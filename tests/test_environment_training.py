@@ -2,15 +2,19 @@
 import json
 import os
 import random
+import sys
+import time
+import types
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from helpers.environment import pick_device, run_dir, seed_everything, smoke_mode
+from helpers import environment
+from helpers.environment import pick_device, run_dir, seed_everything, smoke_mode, use_drive_for_runs
 from helpers.training import (CheckpointMismatchError, History, Stopwatch, load_checkpoint, save_checkpoint,
-                              write_metrics)
+                              time_per_step, write_metrics)
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("0", False), ("", False)])
@@ -61,6 +65,28 @@ def test_run_dir_under_a_file_says_what_to_do(tmp_path):
         run_dir("x", root=blocker)
 
 
+def test_drive_outside_colab_is_a_no_op_that_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RUN_DIR", str(tmp_path))
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    assert use_drive_for_runs(True) is None
+    assert "not in Colab" in capsys.readouterr().out and os.environ["RUN_DIR"] == str(tmp_path)
+    assert use_drive_for_runs(False) is None and capsys.readouterr().out == ""
+
+
+def test_drive_in_colab_mounts_and_moves_RUN_DIR_before_run_dir_reads_it(tmp_path, monkeypatch):
+    mounted = []
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=lambda where: mounted.append(where))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(environment, "DRIVE_MOUNT", tmp_path / "drive")
+    monkeypatch.setattr(environment, "DRIVE_RUN_DIR", tmp_path / "drive" / "MyDrive" / "genimg-runs")
+    monkeypatch.setenv("RUN_DIR", str(tmp_path / "local"))
+    monkeypatch.setenv("SMOKE", "0")
+    assert use_drive_for_runs(True) == tmp_path / "drive" / "MyDrive" / "genimg-runs"
+    assert mounted == [str(tmp_path / "drive")]
+    assert run_dir("01_mnist_gan") == tmp_path / "drive" / "MyDrive" / "genimg-runs" / "01_mnist_gan"
+
+
 def _model(width: int = 4) -> nn.Module:
     return nn.Sequential(nn.Linear(3, width), nn.ReLU(), nn.Linear(width, 1))
 
@@ -71,15 +97,23 @@ def test_checkpoint_round_trip_restores_weights_optimizer_step_and_rng(tmp_path)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     model(torch.randn(5, 3)).sum().backward()
     opt.step()
-    path = save_checkpoint(tmp_path / "c.pt", {"m": model}, {"m": opt}, step=7, config={"width": 4},
-                           extra={"note": "hi"})
+    history, watch = History(), Stopwatch()
+    history.log(3, loss=0.5)
+    watch.seconds = 1.5
+    watch.count(7, 70)
+    path = save_checkpoint(tmp_path / "c.pt", {"m": model, "opt": opt, "history": history, "watch": watch},
+                           step=7, config={"width": 4}, extra={"note": "hi"})
     expected_draws = (torch.rand(3), np.random.rand(), random.random())
 
     fresh = _model()
     fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1)
     torch.manual_seed(123)  # disturb the generators; loading must restore them
-    state = load_checkpoint(path, {"m": fresh}, {"m": fresh_opt}, config={"width": 4})
+    fresh_history, fresh_watch = History(), Stopwatch()
+    state = load_checkpoint(path, {"m": fresh, "opt": fresh_opt, "history": fresh_history, "watch": fresh_watch},
+                            config={"width": 4})
     assert state["step"] == 7 and state["extra"] == {"note": "hi"}
+    assert fresh_history.series("loss") == ([3], [0.5])
+    assert fresh_watch.state_dict() == {"seconds": 1.5, "iterations": 7, "images": 70}
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
     assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
@@ -97,6 +131,22 @@ def test_checkpoint_with_another_config_is_refused_clearly(tmp_path):
     path = save_checkpoint(tmp_path / "c.pt", {"G": _model()}, config={"image_size": 28})
     with pytest.raises(CheckpointMismatchError, match="image_size: 28 in the file, 32 here"):
         load_checkpoint(path, {"G": _model()}, config={"image_size": 32})
+
+
+def test_a_subset_loads_and_an_absent_object_is_named(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", {"G": _model(), "D": _model()})
+    load_checkpoint(path, {"G": _model()})
+    with pytest.raises(CheckpointMismatchError, match=r"has no \['watch'\] \(it has \['D', 'G'\]\)"):
+        load_checkpoint(path, {"G": _model(), "watch": Stopwatch()})
+
+
+def test_keep_last_deletes_the_older_numbered_checkpoints_only(tmp_path):
+    (tmp_path / "best.pt").write_text("other")
+    for step in (5, 100, 20):
+        save_checkpoint(tmp_path / f"step-{step:06d}.pt", {"G": _model()}, step=step, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "step-000020.pt", "step-000100.pt"]
+    with pytest.raises(ValueError, match="keep at least"):
+        save_checkpoint(tmp_path / "step-000200.pt", {"G": _model()}, keep_last=0)
 
 
 def test_missing_checkpoint_and_foreign_file(tmp_path):
@@ -121,11 +171,23 @@ def test_history_logs_series_and_survives_a_state_round_trip(tmp_path):
         history.series("nope")
 
 
-def test_stopwatch_throughput():
+def test_stopwatch_throughput_and_state_round_trip():
     watch = Stopwatch()
     watch.seconds = 2.0
     watch.count(10, 640)
     assert watch.throughput() == {"it_per_s": 5.0, "img_per_s": 320.0}
+    restored = Stopwatch()
+    restored.load_state_dict(watch.state_dict())
+    restored.count(10, 640)
+    assert restored.iterations == 20 and restored.images == 1280 and restored.seconds == 2.0
+
+
+def test_time_per_step_counts_only_the_timed_calls():
+    calls = []
+    timing = time_per_step(lambda: calls.append(time.sleep(0.01)), torch.device("cpu"), iterations=5, warmup=2)
+    assert len(calls) == 7
+    assert 10 <= timing["ms_per_step"] < 60 and timing["it_per_s"] == pytest.approx(1000 / timing["ms_per_step"])
+    assert timing["peak_memory_mb"] is None
 
 
 def test_metrics_json_has_the_common_fields(tmp_path):
