@@ -1,4 +1,5 @@
-"""Sample-quality measures that work offline for MNIST-like data, plus torchmetrics' FID where Inception loads.
+"""Quality measures of the collection: sample quality for MNIST-like GANs (offline Fréchet distance, class
+coverage, torchmetrics' FID where Inception loads), PSNR and SSIM of paired images, and the CLIP score.
 
 The Fréchet distance here is FID's formula, d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), computed in the
 128-d penultimate features of a small CNN classifier trained on the same dataset (not Inception: numbers are
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .training import load_checkpoint, save_checkpoint
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image normalisation CLIP was trained with
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class MnistClassifier(nn.Module):
@@ -150,3 +155,69 @@ def inception_fid(fake_uint8: np.ndarray, real_uint8: np.ndarray, device: torch.
             resized = F.interpolate(batch.float(), size=299, mode="bilinear").round().clamp(0, 255)
             fid.update(resized.to(torch.uint8).to(device), real=real)
     return float(fid.compute()), "Inception FID (torchmetrics, 2048-d)"
+
+
+# --- paired-image metrics (notebook 05) ---------------------------------------------------------------------
+
+
+def psnr(fake: Tensor, real: Tensor, data_range: float = 2.0) -> Tensor:
+    """Per-image PSNR in dB, 10 log10(range^2 / MSE), for images in [-1, 1] (range 2)."""
+    if fake.shape != real.shape:
+        raise ValueError(f"PSNR needs images of the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
+    mse = (fake.float() - real.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-10))
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
+    """(size, size) Gaussian weights summing to 1, SSIM's standard window."""
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(fake: Tensor, real: Tensor, data_range: float = 2.0, window: int = 11) -> Tensor:
+    """Per-image SSIM (Wang et al. 2004): the local SSIM map (Gaussian window 11, sigma 1.5) averaged over the valid
+    region, as the authors' reference code (torchmetrics instead pads by reflection and averages the whole map)."""
+    if fake.shape != real.shape:
+        raise ValueError(f"SSIM needs images of the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
+    if min(fake.shape[-2:]) < window:
+        raise ValueError(f"SSIM needs images of at least {window}x{window} pixels, got {tuple(fake.shape[-2:])}")
+    channels = fake.shape[1]
+    kernel = gaussian_window(window).to(fake.device).expand(channels, 1, window, window)
+    x, y = fake.float(), real.float()
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(t, kernel, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = (blur(x * x) - mu_x**2).clamp_min(0), (blur(y * y) - mu_y**2).clamp_min(0)
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+# --- text-image agreement: CLIP score (notebooks 04 and 06) ------------------------------------------------------
+
+
+def clip_score_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
+    """CLIP score (Hessel et al. 2021, torchmetrics' form): mean over pairs of 100 * max(cos(image, text), 0)."""
+    cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+    return (100 * cosine.clamp(min=0)).mean()
+
+
+@torch.no_grad()
+def clip_score(model: Any, tokenizer: Any, images: Tensor, captions: Sequence[str]) -> float:
+    """CLIP score of images in [0, 1] against their captions with a transformers CLIPModel."""
+    device = next(model.parameters()).device
+    size = model.config.vision_config.image_size
+    pixels = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False)
+    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    pixels = ((pixels.clamp(0, 1) - mean) / std).to(device, model.dtype)
+    tokens = tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt").to(device)
+    image_embeds = model.get_image_features(pixel_values=pixels)
+    text_embeds = model.get_text_features(**tokens)
+    image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
+    text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
+    return float(clip_score_from_embeddings(image_embeds, text_embeds))

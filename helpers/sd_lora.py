@@ -22,8 +22,6 @@ TINY_MODEL_ID = "tiny-random-sd"  # not a Hub id: build tiny random components f
 STAND_IN_NOTE = ("tiny randomly initialised UNet, VAE, CLIP text encoder and tokenizer built from configs "
                  "(offline stand-in): the images are noise-like and not meaningful")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SD15_UNET_CONFIG: dict[str, Any] = {
     "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
@@ -168,16 +166,6 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules: Sequence[
     unet.add_adapter(lora_config(rank, alpha, target_modules))
     cast_training_params(unet, dtype=torch.float32)
     return unet
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as the number of values they hold."""
-    trainable = total = 0
-    for param in module.parameters():
-        n = param.numel() * (2 if param.dtype == torch.uint8 else 1)  # bitsandbytes packs two 4-bit values per byte
-        total += n
-        trainable += n if param.requires_grad else 0
-    return trainable, total
 
 
 def lora_parameter_count(unet_config: Mapping[str, Any], rank: int,
@@ -407,27 +395,6 @@ def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int
                        generator=generator, output_type="pt")
             images.append(out.images.float().cpu())
     return torch.cat(images)
-
-
-def clip_score_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-    """CLIP score (Hessel et al. 2021, torchmetrics' form): mean over pairs of 100 * max(cos(image, text), 0)."""
-    cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
-    return (100 * cosine.clamp(min=0)).mean()
-
-
-@torch.no_grad()
-def clip_score(model: Any, tokenizer: Any, images: Tensor, captions: Sequence[str]) -> float:
-    """CLIP score of images in [0, 1] against their captions with a transformers CLIPModel."""
-    device = next(model.parameters()).device
-    size = model.config.vision_config.image_size
-    pixels = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False)
-    pixels = transforms.Normalize(CLIP_MEAN, CLIP_STD)(pixels.clamp(0, 1)).to(device, model.dtype)
-    tokens = tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt").to(device)
-    image_embeds = model.get_image_features(pixel_values=pixels)
-    text_embeds = model.get_text_features(**tokens)
-    image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
-    text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
-    return float(clip_score_from_embeddings(image_embeds, text_embeds))
 
 
 def load_clip(model_id: str, work_dir: str | os.PathLike, device: torch.device) -> tuple[Any, Any]:

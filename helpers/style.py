@@ -61,7 +61,7 @@ def read_source(source: str | os.PathLike, role: str = "image") -> bytes:
     return path.read_bytes()
 
 
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+def as_rgb_image(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """RGB version of any PIL image: gray repeated on 3 channels, transparency flattened onto `background`."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -84,7 +84,7 @@ def decode_image(data: bytes, source: str | os.PathLike, role: str = "image") ->
             f"{role} '{source}' is not a readable image ({type(err).__name__}: {err}); "
             "pass a JPEG, PNG, BMP or WebP file, or re-save it with an image editor"
         ) from err
-    return to_rgb(image)
+    return as_rgb_image(image)
 
 
 def resize_long_side(image: Image.Image, size: int) -> Image.Image:

@@ -46,7 +46,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
-def check_captions(captions: Sequence[str]) -> list[str]:
+def check_sentences(captions: Sequence[str]) -> list[str]:
     """The captions as a list of stripped strings; a ValueError names an empty or non-text caption."""
     if isinstance(captions, str):
         captions = [captions]
@@ -108,7 +108,7 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, captions: Sequence[str], batch_size: int = 128) -> Tensor:
         """One embedding per caption (N, dim) on the CPU; captions longer than `max_length` tokens are truncated."""
-        captions = check_captions(captions)
+        captions = check_sentences(captions)
         for i, n in enumerate(self.token_counts(captions)):
             if n > self.max_length:
                 warnings.warn(f"caption {i} has {n} tokens, more than the {self.max_length} that {self.encoder_id} "
@@ -144,7 +144,7 @@ class EmbeddingCache:
 
     def embed(self, captions: Sequence[str], encoder: TextEncoder | None = None) -> Tensor:
         """Embeddings of `captions` (N, dim): cached ones are looked up, new ones computed by `encoder` and kept."""
-        captions = check_captions(captions)
+        captions = check_sentences(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self.table))
         if missing:
             if encoder is None:
@@ -229,7 +229,7 @@ def split_combinations(test_fraction: float = 0.2, seed: int = 0) -> tuple[list[
 
 
 @dataclass
-class CaptionedImages:
+class CaptionedImageSet:
     """Images in [-1, 1] (N, 3, H, W), each with the ids of its captions, a group id (combination or class)."""
 
     images: Tensor
@@ -244,7 +244,7 @@ class CaptionedImages:
 
 
 def make_shapes(n: int, combinations: Sequence[tuple], image_size: int = 64, seed: int = 0,
-                captions_per_image: int = len(TEMPLATES)) -> CaptionedImages:
+                captions_per_image: int = len(TEMPLATES)) -> CaptionedImageSet:
     """`n` rendered shapes drawn uniformly from `combinations`, each with `captions_per_image` captions."""
     if not 1 <= captions_per_image <= len(TEMPLATES):
         raise ValueError(f"captions_per_image={captions_per_image}; use 1..{len(TEMPLATES)}")
@@ -256,13 +256,13 @@ def make_shapes(n: int, combinations: Sequence[tuple], image_size: int = 64, see
     images = np.stack([render_shape(c, image_size, rng) for c in picks])
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     ids = [[group_of[c] * captions_per_image + t for t in range(captions_per_image)] for c in picks]
-    return CaptionedImages(
+    return CaptionedImageSet(
         images=tensor, caption_ids=ids, groups=torch.tensor([group_of[c] for c in picks]), captions=captions,
         caption_groups=torch.arange(len(combos)).repeat_interleave(captions_per_image),
         attributes=torch.tensor(picks))
 
 
-def sample_batch(data: CaptionedImages, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def sample_batch(data: CaptionedImageSet, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """Random images, one random caption id of each, and a mismatching caption id from another group."""
     idx = torch.randint(len(data), (batch_size,), generator=generator)
     choice = torch.randint(1 << 30, (batch_size,), generator=generator)
@@ -304,7 +304,7 @@ class AttributeClassifier(nn.Module):
         return {name: head(features) for name, head in self.heads.items()}
 
 
-def train_attribute_classifier(data: CaptionedImages, steps: int, batch_size: int = 64, lr: float = 2e-3,
+def train_attribute_classifier(data: CaptionedImageSet, steps: int, batch_size: int = 64, lr: float = 2e-3,
                                device: str | torch.device = "cpu", seed: int = 0) -> AttributeClassifier:
     """Fit an AttributeClassifier on real shapes (cross-entropy summed over the four attributes)."""
     torch.manual_seed(seed)

@@ -10,8 +10,9 @@ from helpers.pix2pixhd import (
     GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, NLayerDiscriminator, PairedFolderDataset,
     ProceduralLabelImages, ResnetBlock, check_image_size, download_cmp_facades, encode_input,
     instance_edges,
-    label_sketch, linear_decay_lr, one_hot_labels, psnr, ssim,
+    label_sketch, linear_decay_lr, one_hot_labels,
 )
+from helpers.metrics import psnr, ssim
 from helpers.training import count_parameters
 
 # Official defaults (Cityscapes): label_nc 35 + 1 instance-edge channel = 36 input channels, RGB output,

@@ -6,6 +6,8 @@ import torch
 from PIL import Image
 
 from helpers import sd_lora
+from helpers.metrics import clip_score, clip_score_from_embeddings
+from helpers.training import count_parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,7 +63,7 @@ def test_tiny_pipeline_loads_and_generates(tiny_model):
 def test_lora_trains_only_adapter_weights_and_reloads_identically(tiny_model, tmp_path):
     pipe = sd_lora.load_pipeline(tiny_model)
     unet = sd_lora.add_lora(pipe.unet, rank=4, alpha=4)
-    trainable, total = sd_lora.count_parameters(unet)
+    trainable, total = count_parameters(unet, trainable_only=True), count_parameters(unet)
     assert trainable == 23_040 and total == 1_427_012 + 23_040
     assert all(p.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
     before = sd_lora.parameter_fingerprints(unet)
@@ -205,12 +207,12 @@ def test_clip_score_by_hand():
     # pair 1: cos((1, 0), (1, 1)) = 1/sqrt(2) = 0.70711 -> 70.711; pair 2: cos((1, 0), (-1, 0)) = -1 -> clipped to 0
     # mean (70.711 + 0) / 2 = 35.355
     images, texts = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
-    score = sd_lora.clip_score_from_embeddings(images, texts)
+    score = clip_score_from_embeddings(images, texts)
     assert score.item() == pytest.approx(35.3553, abs=1e-3)
 
 
 def test_clip_score_with_tiny_stand_in(tmp_path):
     model, tokenizer = sd_lora.load_clip(sd_lora.TINY_MODEL_ID, tmp_path, torch.device("cpu"))
-    score = sd_lora.clip_score(model, tokenizer, torch.rand(2, 3, 40, 40), ["a red circle", "a blue square"])
+    score = clip_score(model, tokenizer, torch.rand(2, 3, 40, 40), ["a red circle", "a blue square"])
     assert 0 <= score <= 100
 

@@ -2,6 +2,7 @@
 import functools
 import http.server
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +10,9 @@ import torch
 from PIL import Image
 
 from helpers import style
-from helpers.environment import REPO_ROOT
 from helpers.vgg import VGG19Features
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 ASSETS = REPO_ROOT / "assets"
 VGG19_PARAMETERS_TO_CONV5_1 = 12_944_960  # sum of (in * out * 9 + out) over conv1_1 ... conv5_1
@@ -58,10 +60,10 @@ def test_rgba_is_flattened_onto_white(tmp_path):
 
 
 def test_sixteen_bit_gray_is_scaled_not_clipped():
-    image = style.to_rgb(Image.fromarray(np.full((4, 4), 1000, dtype=np.uint16)))
+    image = style.as_rgb_image(Image.fromarray(np.full((4, 4), 1000, dtype=np.uint16)))
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
     half = np.array([[500, 1000]], dtype=np.uint16)
-    assert style.to_rgb(Image.fromarray(half)).getpixel((0, 0))[0] == 127
+    assert style.as_rgb_image(Image.fromarray(half)).getpixel((0, 0))[0] == 127
 
 
 def test_missing_file_names_the_input():

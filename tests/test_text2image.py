@@ -36,9 +36,9 @@ def test_mean_pool_ignores_padding():
 
 def test_bad_captions_and_encoder_ids():
     with pytest.raises(ValueError, match="caption 1 is empty; write a sentence"):
-        t2i.check_captions(["a red circle", "   "])
+        t2i.check_sentences(["a red circle", "   "])
     with pytest.raises(TypeError, match="caption 0 is a int, not text"):
-        t2i.check_captions([3])
+        t2i.check_sentences([3])
     with pytest.raises(ValueError, match="unknown text encoder 'gpt-17'; choose one of"):
         t2i.check_encoder_id("gpt-17")
     with pytest.raises(FileNotFoundError, match="local copy of .* not found"):
