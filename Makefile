@@ -1,8 +1,12 @@
-# Shortcuts for the two commands of the README (the scripts work without make).
-.PHONY: setup run test
+# Shortcuts for the README's commands (the scripts work without make).
+.PHONY: setup run test bench notebooks
 setup:
 	bash tools/setup.sh
 run:
 	bash tools/run.sh
 test:
 	bash tools/test.sh
+bench: setup
+	.venv/bin/python tools/bench.py
+notebooks:
+	.venv/bin/python tools/notebook.py build

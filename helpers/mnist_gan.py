@@ -22,7 +22,7 @@ IMAGE_PIXELS = 28 * 28
 
 
 class Generator(nn.Module):
-    """z (latent_dim) -> fully-connected layers with BatchNorm + LeakyReLU(0.2) -> 784 values, tanh, reshaped 1x28x28."""
+    """z -> fully-connected layers, BatchNorm + LeakyReLU(0.2) -> 784 values, tanh -> a 1x28x28 image."""
 
     def __init__(self, latent_dim: int = 100, hidden: Sequence[int] = (128, 256, 512, 1024)) -> None:
         super().__init__()
@@ -44,7 +44,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Flattened 784-pixel image -> fully-connected layers with LeakyReLU(0.2) -> sigmoid probability of 'real'."""
+    """Flattened 784-pixel image -> fully-connected layers, LeakyReLU(0.2) -> sigmoid P(real)."""
 
     def __init__(self, hidden: Sequence[int] = (512, 256)) -> None:
         super().__init__()
@@ -61,9 +61,10 @@ class Discriminator(nn.Module):
         return self.net(images.flatten(1))
 
 
-def train_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-               real: Tensor) -> dict[str, Tensor]:
-    """One iteration of seed 003: G step on fakes labelled real, then D step on d_loss = (real_loss + fake_loss)/2."""
+def train_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
+               opt_d: torch.optim.Optimizer, real: Tensor) -> dict[str, Tensor]:
+    """One iteration of seed 003: a G step on fakes labelled real, then a D step on
+    d_loss = (real_loss + fake_loss) / 2 with the fakes detached."""
     z = torch.randn(real.size(0), G.latent_dim, device=real.device)
     fake = G(z)
     g_loss = bce_generator_loss(D(fake))
@@ -82,9 +83,10 @@ def train_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer, opt
 
 @dataclass
 class GanRun:
-    """Everything the training loop keeps between epochs (and saves in its checkpoint)."""
+    """What the training loop keeps between epochs; saved in last.pt through state_dict()."""
 
     history: History
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)
     snapshots: dict[int, Tensor] = field(default_factory=dict)
     epoch_g_loss: list[float] = field(default_factory=list)
     epoch_quality: list[dict[str, float]] = field(default_factory=list)
@@ -92,49 +94,43 @@ class GanRun:
     best_by_quality: dict = field(default_factory=dict)
     step: int = 0
     epoch: int = 0
-    stopwatch: Stopwatch = field(default_factory=Stopwatch)
 
-    def extra_state(self) -> dict:
-        """The parts of the run a checkpoint stores besides models and optimizers."""
-        return {"history": self.history.state_dict(), "snapshots": self.snapshots, "epoch": self.epoch,
-                "epoch_g_loss": self.epoch_g_loss, "epoch_quality": self.epoch_quality,
-                "best_by_g_loss": self.best_by_g_loss, "best_by_quality": self.best_by_quality,
-                "train_seconds": self.stopwatch.seconds, "train_iterations": self.stopwatch.iterations,
-                "train_images": self.stopwatch.images}
+    def state_dict(self) -> dict:
+        """Everything above, as plain values (History and Stopwatch through their own state_dict)."""
+        state = {k: v for k, v in vars(self).items() if k not in ("history", "stopwatch")}
+        return {**state, "history": self.history.state_dict(), "stopwatch": self.stopwatch.state_dict()}
 
-    def load_extra_state(self, extra: dict) -> None:
-        """Restore what `extra_state` saved."""
-        self.history.load_state_dict(extra["history"])
-        self.snapshots = extra["snapshots"]
-        self.epoch, self.epoch_g_loss, self.epoch_quality = extra["epoch"], extra["epoch_g_loss"], extra["epoch_quality"]
-        self.best_by_g_loss, self.best_by_quality = extra["best_by_g_loss"], extra["best_by_quality"]
-        self.stopwatch.seconds = extra["train_seconds"]
-        self.stopwatch.iterations, self.stopwatch.images = extra["train_iterations"], extra["train_images"]
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved run."""
+        state = dict(state)
+        self.history.load_state_dict(state.pop("history"))
+        self.stopwatch.load_state_dict(state.pop("stopwatch"))
+        vars(self).update(state)
 
 
 def batches(images: Tensor, batch_size: int, generator: torch.Generator) -> list[Tensor]:
-    """Shuffled batches of a whole in-memory dataset (drops the last incomplete batch, as a DataLoader with drop_last)."""
+    """Shuffled batches of an in-memory dataset, the last incomplete one dropped (drop_last)."""
     order = torch.randperm(len(images), generator=generator)
     return [images[order[i:i + batch_size]] for i in range(0, len(images) - batch_size + 1, batch_size)]
 
 
-def train_gan(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-              images: Tensor, run: GanRun, epochs: int, batch_size: int, checkpoint_dir: Path, config: dict,
-              fixed_noise: Tensor, snapshot_steps: Sequence[int], quality: Callable[[Generator], dict[str, float]],
+def train_gan(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
+              opt_d: torch.optim.Optimizer, images: Tensor, run: GanRun, epochs: int,
+              batch_size: int, folder: Path, config: dict, fixed_noise: Tensor,
+              snapshot_steps: Sequence[int], quality: Callable[[Generator], dict[str, float]],
               log_every: int = 50, time_limit_s: float = math.inf) -> GanRun:
-    """Train until `epochs`, resuming from checkpoint_dir/last.pt; keep the best G by epoch G loss and by quality FD."""
-    last = checkpoint_dir / "last.pt"
-    if last.exists():
-        state = load_checkpoint(last, {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, config=config)
-        run.load_extra_state(state["extra"])
-        run.step = state["step"]
-        print(f"resumed from {last} at epoch {run.epoch}, iteration {run.step:,}")
+    """Train until `epochs`, resuming from folder/last.pt; keep the best G by epoch G loss and by FD."""
+    state = {"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d, "run": run}
+    if (folder / "last.pt").exists():
+        load_checkpoint(folder / "last.pt", state, config=config)
+        print(f"resumed from {folder / 'last.pt'} at epoch {run.epoch}, iteration {run.step:,}")
     started = time.perf_counter()
     while run.epoch < epochs and time.perf_counter() - started < time_limit_s:
         G.train(), D.train()
         epoch_losses = []
-        shuffler = torch.Generator().manual_seed(1_000_003 * config.get("seed", 0) + run.epoch)  # same order on resume
-        for real in tqdm(batches(images, batch_size, shuffler), desc=f"epoch {run.epoch + 1}/{epochs}", leave=False):
+        shuffle = torch.Generator().manual_seed(1_000_003 * config["seed"] + run.epoch)  # same on resume
+        for real in tqdm(batches(images, batch_size, shuffle), desc=f"epoch {run.epoch + 1}/{epochs}",
+                         leave=False):
             with run.stopwatch:
                 out = train_step(G, D, opt_g, opt_d, real)
             run.stopwatch.count(1, len(real))
@@ -145,14 +141,14 @@ def train_gan(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer, opt_
             if run.step in snapshot_steps:
                 run.snapshots[run.step] = sample(G, fixed_noise).cpu()
         run.epoch += 1
-        _end_epoch(G, run, torch.stack(epoch_losses).mean().item(), quality(G), checkpoint_dir)
-        save_checkpoint(last, {"G": G, "D": D}, {"G": opt_g, "D": opt_d}, run.step, config, run.extra_state())
+        end_epoch(G, run, torch.stack(epoch_losses).mean().item(), quality(G), folder)
+        save_checkpoint(folder / "last.pt", state, run.step, config)
     run.snapshots[run.step] = sample(G, fixed_noise).cpu()
     run.history.flush()
     return run
 
 
-def _end_epoch(G: Generator, run: GanRun, g_loss: float, scores: dict[str, float], checkpoint_dir: Path) -> None:
+def end_epoch(G: Generator, run: GanRun, g_loss: float, scores: dict[str, float], folder: Path) -> None:
     """Record the epoch's mean G loss and quality; save G when either is the best so far."""
     run.epoch_g_loss.append(g_loss)
     run.epoch_quality.append(scores)
@@ -160,10 +156,10 @@ def _end_epoch(G: Generator, run: GanRun, g_loss: float, scores: dict[str, float
     record = {"epoch": run.epoch, "step": run.step, "g_loss": g_loss, **scores}
     if not run.best_by_g_loss or g_loss < run.best_by_g_loss["g_loss"]:
         run.best_by_g_loss = record
-        save_checkpoint(checkpoint_dir / "best_by_g_loss.pt", {"G": G}, step=run.step, extra=record)
+        save_checkpoint(folder / "best_by_g_loss.pt", {"G": G}, step=run.step, extra=record)
     if not run.best_by_quality or scores["fd"] < run.best_by_quality["fd"]:
         run.best_by_quality = record
-        save_checkpoint(checkpoint_dir / "best_by_fd.pt", {"G": G}, step=run.step, extra=record)
+        save_checkpoint(folder / "best_by_fd.pt", {"G": G}, step=run.step, extra=record)
 
 
 @torch.no_grad()

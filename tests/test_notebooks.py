@@ -1,51 +1,168 @@
-"""House rules every notebook keeps (GUIDE.md): stored without outputs, the same setup cell, a badge, metrics.json."""
+"""House rules every notebook keeps (GUIDE.md): built from its source, self-contained, taught code as cells."""
+import ast
+import re
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-SETUP_CELL = (ROOT / "tools" / "setup_cell.py").read_text().strip()
+sys.path.insert(0, str(ROOT / "tools"))
+import notebook as build_tool  # noqa: E402  (tools/notebook.py)
+
+MANIFEST = build_tool.manifest()
+NAMES = sorted(MANIFEST)
+MAX_CELL_LINES = 40  # "one job per cell": the parameters and setup cells are exempt
 
 
-def code_cells(path: Path) -> list[str]:
-    return [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+def read(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
 
 
-def test_the_collection_has_its_first_notebooks():
-    names = [p.stem for p in NOTEBOOKS]
-    assert "01_mnist_gan" in names and "02_fashion_mnist_gan" in names
+def code_cells(name: str) -> list[str]:
+    return [c.source for c in read(name).cells if c.cell_type == "code"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_stored_without_outputs(path):
-    for cell in nbformat.read(path, as_version=4).cells:
+def taught_cells(name: str) -> list[tuple[str, str]]:
+    return [parsed for source in code_cells(name) if (parsed := build_tool.parse_taught_cell(source))]
+
+
+def test_every_notebook_is_in_the_manifest_and_has_a_source():
+    on_disk = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert on_disk == NAMES, "add the notebook to notebooks/notebooks.toml (or delete the stray .ipynb)"
+    assert len(NAMES) == 6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_equals_its_build(name):
+    diffs = build_tool.differences([name])
+    assert not diffs, f"run `python tools/notebook.py build {name}`:\n{diffs.get(name)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_taught_cells_equal_their_helpers(name):
+    cells = taught_cells(name)
+    for module, code in cells:
+        defined = [node.name if hasattr(node, "name") else node.targets[0].id for node in ast.parse(code).body]
+        assert code == build_tool.definitions(module, defined), (
+            f"{name}: the cell holding {defined} differs from helpers/{module}.py; edit helpers/{module}.py "
+            "(or the cell, then copy it there) and rebuild")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_notebook_uses_its_cells_not_the_helpers_behind_them(name):
+    """Editing a taught cell must change what the notebook runs: no other cell reaches past it."""
+    others = "\n".join(s for s in code_cells(name) if not build_tool.parse_taught_cell(s))
+    for module, code in taught_cells(name):
+        for node in ast.parse(code).body:
+            defined = node.name if hasattr(node, "name") else node.targets[0].id
+            assert not re.search(rf"\b{module}\.{defined}\b", others), f"{name} calls {module}.{defined}"
+            imports = re.findall(rf"from helpers\.{module} import \(?([^)]*?)\)?$", others, re.M | re.S)
+            assert defined not in re.findall(r"\w+", " ".join(imports)), f"{name} imports {defined} again"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_embedded_helpers_equal_the_repository(name):
+    setup = code_cells(name)[0]
+    files = build_tool.decode_helpers(build_tool.embedded_payload(setup))
+    assert "__init__.py" in files and len(files) >= 3
+    for filename, text in files.items():
+        assert text == (ROOT / "helpers" / filename).read_text(), f"{name}: embedded {filename} is stale; rebuild"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_setup_cell_is_first_collapsed_and_never_clones(name):
+    cell = next(c for c in read(name).cells if c.cell_type == "code")
+    assert cell.source.startswith("#@title Setup") and cell.metadata.get("cellView") == "form"
+    assert "git clone" not in "\n".join(code_cells(name)) and build_tool.REPOSITORY not in cell.source
+
+
+def test_embedding_round_trips_and_the_setup_cell_unpacks_it(tmp_path, monkeypatch):
+    source = build_tool.setup_cell({}, ["__init__.py", "environment.py"])
+    encoded = build_tool.embedded_payload(source)
+    assert build_tool.decode_helpers(encoded)["environment.py"] == (ROOT / "helpers/environment.py").read_text()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    saved = {k: v for k, v in sys.modules.items() if k == "helpers" or k.startswith("helpers.")}
+    for key in saved:
+        monkeypatch.delitem(sys.modules, key)
+    namespace: dict = {}
+    exec(compile(source, "setup", "exec"), namespace)
+    assert namespace["HELPERS_ROOT"].parent == tmp_path / ".genimg-helpers"
+    assert sys.modules["helpers"].__file__.startswith(str(tmp_path))
+    for key in [k for k in sys.modules if k == "helpers" or k.startswith("helpers.")]:
+        del sys.modules[key]
+    sys.modules.update(saved)
+
+
+def test_build_refuses_a_taught_cell_that_uses_a_name_never_imported(tmp_path, monkeypatch):
+    source = tmp_path / "x.py"
+    source.write_text("# %% [markdown]\n# # 99 · X\n\n# %% SETUP\n\n# %%\nimport torch\n\n"
+                      "# %% [helpers] mnist_gan: Discriminator\n")
+    monkeypatch.setattr(build_tool, "NOTEBOOKS", tmp_path)
+    with pytest.raises(build_tool.BuildError, match="uses IMAGE_PIXELS, Sequence, Tensor, nn, which no earlier"):
+        build_tool.build("99_x", {"source": "x.py"})
+
+
+def test_01_and_02_are_built_from_one_source():
+    assert MANIFEST["01_mnist_gan"]["source"] == MANIFEST["02_fashion_mnist_gan"]["source"]
+    assert MANIFEST["01_mnist_gan"]["text"]["DATASET"] == "MNIST"
+    assert MANIFEST["02_fashion_mnist_gan"]["text"]["DATASET"] == "FashionMNIST"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skeleton_title_numbered_sections_and_the_two_closing_sections(name):
+    cells = read(name).cells
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith(f"# {name[:2]} · ")
+    assert build_tool.badge(name) in cells[0].source
+    headings = [line for c in cells if c.cell_type == "markdown" for line in c.source.splitlines()
+                if line.startswith("## ")]
+    numbered = [int(m[1]) for h in headings if (m := re.match(r"## (\d+)\. ", h))]
+    assert numbered and numbered == list(range(1, len(numbered) + 1)), f"{name}: sections {numbered}"
+    assert headings[-2:] == ["## What to take away", "## What to try next"], headings[-2:]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cells_are_short_and_lines_fit_colab(name):
+    for source in code_cells(name)[1:]:
+        long = [line for line in source.splitlines() if len(line) > build_tool.MAX_LINE]
+        assert not long, f"{name}: {len(long)} line(s) over {build_tool.MAX_LINE} characters: {long[0]!r}"
+        if "SMOKE = smoke_mode()" not in source:
+            n = len(source.splitlines())
+            assert n <= MAX_CELL_LINES, f"{name}: a {n}-line cell (one job per cell): {source[:80]!r}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_without_outputs_with_asserts_and_a_metrics_file(name):
+    for cell in read(name).cells:
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs before committing"
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_first_code_cell_is_the_shared_setup_cell(path):
-    assert code_cells(path)[0].strip() == SETUP_CELL, f"{path.name}: rebuild it with tools/notebook.py"
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_title_has_a_colab_badge_for_this_notebook(path):
-    first = nbformat.read(path, as_version=4).cells[0]
-    assert first.cell_type == "markdown" and first.source.startswith("# ")
-    assert f"/notebooks/{path.name})" in first.source and "colab-badge.svg" in first.source
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_checks_are_asserts_and_a_metrics_file_is_written(path):
-    source = "\n".join(code_cells(path))
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: rebuild to strip outputs"
+    source = "\n".join(code_cells(name))
     assert "assert " in source, "with outputs stripped, nbval only sees exceptions: checks must be asserts"
     assert "write_metrics(" in source and "smoke_mode()" in source
+    assert "RUN_DIR_ON_DRIVE" in source and "use_drive_for_runs(RUN_DIR_ON_DRIVE)" in source
 
 
-def test_gan_notebooks_share_all_code_but_the_dataset():
-    mnist, fashion = (code_cells(ROOT / "notebooks" / f"{n}.ipynb") for n in ("01_mnist_gan", "02_fashion_mnist_gan"))
-    assert len(mnist) == len(fashion)
-    differing = [(a, b) for a, b in zip("\n".join(mnist).splitlines(), "\n".join(fashion).splitlines()) if a != b]
-    assert [a.split("=")[0].strip() for a, _ in differing] == ["NOTEBOOK", "DATASET"], differing
+def test_no_show_source_is_left():
+    for path in [*(ROOT / "helpers").glob("*.py"), *(ROOT / "notebooks").glob("*.py")]:
+        assert "show_source" not in path.read_text(), f"{path.name} still shows source instead of a cell"
+
+
+def test_readme_badges_come_from_the_one_repository_constant():
+    readme = (ROOT / "README.md").read_text()
+    urls = re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+", readme)
+    assert sorted(urls) == sorted(re.search(r"\((https://colab[^)]+)\)$", build_tool.badge(n))[1] for n in NAMES)
+
+
+ROLE_NAMES = {"Generator", "Discriminator", "generate"}  # each model family's own, in its own module
+
+
+def test_public_names_mean_one_thing_across_helpers():
+    owners: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "helpers").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                owners.setdefault(node.name, []).append(path.stem)
+    twice = {name: modules for name, modules in owners.items() if len(modules) > 1}
+    assert not twice, f"one name, several definitions: {twice}"

@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned packages and the test extras, install the Debian dataset, build the offline DATA_DIR.
+# Create a virtual environment with the packages and the test extras, install the Debian dataset, build the
+# offline DATA_DIR.    bash tools/setup.sh                     # .venv: requirements.txt as pinned there
+#                      VENV=.venv-colab bash tools/setup.sh    # Colab's versions (requirements-colab.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 apt_install() { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "$@" >/dev/null; }
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x "$VENV/bin/python" ]; then
   # Debian's python3 lacks ensurepip until python3-venv is installed
-  "$PYTHON" -m venv .venv 2>/dev/null || { rm -rf .venv; apt_install python3-venv; "$PYTHON" -m venv .venv; }
+  "$PYTHON" -m venv "$VENV" 2>/dev/null || { rm -rf "$VENV"; apt_install python3-venv; "$PYTHON" -m venv "$VENV"; }
+fi
+requirements=(-r requirements.txt)
+if [ "$VENV" = .venv-colab ]; then  # Colab's pins replace requirements.txt's torch pair
+  grep -vE '^(torch|torchvision)==' requirements.txt > "$VENV/requirements-without-torch.txt"
+  requirements=(-r requirements-colab.txt -r "$VENV/requirements-without-torch.txt")
 fi
 log=$(mktemp)
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt >"$log" 2>&1 \
-  || { grep -v "^WARNING: Location" "$log" >&2; echo "pip install failed (output above)" >&2; exit 1; }
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "${requirements[@]}" -r requirements-test.txt \
+  >"$log" 2>&1 || { grep -v "^WARNING: Location" "$log" >&2; echo "pip install failed (output above)" >&2; exit 1; }
 rm -f "$log"
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_install dataset-fashion-mnist
 export DATA_DIR=${DATA_DIR:-$PWD/data}
 [ -f "$DATA_DIR/MNIST/STAND_IN.json" ] && [ -f "$DATA_DIR/FashionMNIST/raw/t10k-labels-idx1-ubyte" ] \
-  || .venv/bin/python -m helpers.data prepare-offline "$DATA_DIR"
+  || "$VENV/bin/python" -m helpers.data prepare-offline "$DATA_DIR"

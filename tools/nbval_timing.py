@@ -1,4 +1,4 @@
-"""Report each notebook's smoke-mode wall time at the end of the nbval run (budget: 180 s each)."""
+"""pytest plugin (-p tools.nbval_timing): each notebook's smoke-mode wall time at the end of an nbval run (budget: 180 s)."""
 from __future__ import annotations
 
 import time
