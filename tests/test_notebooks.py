@@ -162,8 +162,9 @@ def test_public_names_mean_one_thing_across_helpers():
     owners: dict[str, list[str]] = {}
     for path in sorted((ROOT / "helpers").glob("*.py")):
         for node in ast.parse(path.read_text()).body:
-            public = not node.name.startswith("_") and node.name not in ROLE_NAMES
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and public:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            if node.name not in ROLE_NAMES:
                 owners.setdefault(node.name, []).append(path.stem)
     twice = {name: modules for name, modules in owners.items() if len(modules) > 1}
     assert not twice, f"one name, several definitions: {twice}"
