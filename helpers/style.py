@@ -181,7 +181,8 @@ class StyleObjective(nn.Module):
         self.content_targets = [content_feats[name] for name in self.content_layers]
         self.gram_targets = [gram_matrix(style_feats[name]) for name in self.style_layers]
         self.content_scale = sum(energy(t) for t in self.content_targets) / len(self.content_targets)
-        self.layer_weights = [w / energy(0.25 * a) for w, a in zip(layer_weights, self.gram_targets)]
+        # E_l of an all-zero map is 1/4 mean(A_l^2) (energy(0.25 * A) was mean(A_l^2) / 16: 4x too small)
+        self.layer_weights = [w / (0.25 * energy(a)) for w, a in zip(layer_weights, self.gram_targets)]
         self.feature_targets = [t.detach() for t in feature_targets or []]
         self.feature_scales = [energy(t) for t in self.feature_targets]
         if feature_targets is not None and len(self.feature_targets) != len(self.style_layers):

@@ -51,7 +51,7 @@ CONTENT_LAYERS = ["relu4_2"]  # the paper's conv4_2 (see the theory on conv vs r
 STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]  # the paper's conv1_1 ... conv5_1
 STYLE_LAYER_WEIGHTS = [1 / 5] * 5  # w_l of the paper
 CONTENT_WEIGHT = 1.0  # alpha, on the relative scale explained below
-STYLE_WEIGHT = 100.0  # beta, same scale; the sweep shows 10 ... 10,000
+STYLE_WEIGHT = 400.0  # beta: the balance of the former 100, whose style term was 4x too large
 TV_WEIGHT = 10.0  # optional total-variation term (0 = the paper); removes leftover pixel noise
 PRESERVE_COLOURS = False  # True: transfer luminance only, keep the content's colours (also shown separately below)
 
@@ -62,7 +62,7 @@ STEPS = 10 if SMOKE else 300  # optimizer iterations of the main run
 FIRST_SESSION_STEPS = STEPS // 2  # the main run stops here once, to show resume from the checkpoint
 CHECKPOINT_EVERY = 5 if SMOKE else 50
 
-SWEEP_STYLE_WEIGHTS = [10.0, 100.0, 1_000.0, 10_000.0]  # beta values of the style-weight sweep
+SWEEP_STYLE_WEIGHTS = [40.0, 400.0, 4_000.0, 40_000.0]  # beta values of the style-weight sweep
 SWEEP_STEPS = 5 if SMOKE else 300
 
 K = 3 if SMOKE else 4  # number of stylisations of the multi-modal set (and of the seed-only baseline)
@@ -123,7 +123,7 @@ for note in STAND_INS:
 #   torchvision's VGG19 has other feature scales, so that ratio does not carry over. We divide each term by its
 #   value for an all-zero feature map (the energy of the target: $\overline{P^2}$ for content, $\frac14\overline{A_l^2}$
 #   per style layer). A relative content loss of 0.4 then means "features off by 40 % of their energy", and
-#   $\alpha = 1$, $\beta = 100$ mean about the same whatever the network's feature scale (if a result keeps too
+#   $\alpha = 1$, $\beta = 400$ mean about the same whatever the network's feature scale (if a result keeps too
 #   much of the photo, or too little, move $\beta$ along the sweep below):
 #   $$\mathcal{L} = \alpha\,\frac{\mathcal{L}_{content}}{\overline{P^2}} + \beta \sum_l w_l \frac{E_l}{\frac14 \overline{A_l^2}}
 #   + \tau\,\mathrm{TV}.$$

@@ -242,3 +242,27 @@ def test_lpips_diversity_averages_a_metric_over_pairs():
     # A stand-in "metric": |mean(a) - mean(b)|. Means 0, 0.5, 1 -> pairs 0.5, 1, 0.5 -> 2/3.
     images = torch.stack([torch.full((3, 4, 4), v) for v in (0.0, 0.5, 1.0)])
     assert style.lpips_diversity(images, lambda a, b: (a.mean() - b.mean()).abs()) == pytest.approx(2 / 3)
+
+
+class ScaledImage(torch.nn.Module):
+    """A stand-in feature extractor: the map of layer k is (k + 1) x the image, so a black image gives zero maps."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = list(layers)
+
+    def forward(self, images):
+        return [(k + 1) * images for k in range(len(self.layers))]
+
+
+def test_an_all_zero_feature_map_scores_one_in_relative_units():
+    # The text's unit: each loss divided by its value for an all-zero feature map (content: mean(P^2); style layer
+    # l: 1/4 mean(A_l^2)), so zero maps score exactly 1 for content and 1 for style (layer weights sum to 1).
+    extractor = ScaledImage(["relu4_2", "relu1_1", "relu2_1"])
+    content, style_image = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    objective = style.StyleObjective(extractor, content, style_image, ["relu4_2"], ["relu1_1", "relu2_1"],
+                                     style_weight=3.0)
+    losses = style.evaluate(objective, torch.zeros(1, 3, 8, 8))
+    assert losses["content"] == pytest.approx(1.0, rel=1e-6)
+    assert losses["style"] == pytest.approx(1.0, rel=1e-6)
+    assert losses["total"] == pytest.approx(1.0 + 3.0 * 1.0, rel=1e-6)
