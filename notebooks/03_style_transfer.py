@@ -17,8 +17,8 @@
 # style image works, by path, URL or `skimage:NAME`.
 #
 # **Run time.** CPU smoke mode (`SMOKE=1`, what CI runs; 48 px, random-weight VGG19 as an offline stand-in, so its
-# pictures are not meaningful): 18.5 s and 22.9 s measured in CI's two environments, on 2 CPU cores shared with
-# other jobs (load average 4.7). Colab T4, full mode (ImageNet VGG19, 512×341 px, about 5,000 L-BFGS
+# pictures are not meaningful): 18.5 to 33.8 s measured in CI's two environments, on 2 CPU cores shared with
+# other jobs (load average 4.7 to 6.6). Colab T4, full mode (ImageNet VGG19, 512×341 px, about 5,000 L-BFGS
 # iterations in all): not measured; derived as 3 to 6 minutes of GPU time: each iteration is 268.6 GFLOP (counted
 # with `torch.utils.flop_counter` on this notebook's objective at 512×341), 5,040 iterations are 1,354 TFLOP, which a
 # T4 (8.1 TFLOP/s fp32 peak) needs 2.8 minutes for at its peak and about 5.6 minutes at half of it; plus a one-time
@@ -676,7 +676,8 @@ quality = {
     "timing_final_loss": {label: t["final_loss"] for label, t in timings.items()},
 }
 path = write_metrics(RUN_DIR, NOTEBOOK, SMOKE, DEVICE, iterations=STEPS, seconds=watch.seconds,
-                     throughput=watch.throughput(), quality=quality, stand_ins=STAND_INS,
+                     throughput={"it_per_s": watch.throughput()["it_per_s"]}, quality=quality,
+                     stand_ins=STAND_INS, seconds_per_image=watch.seconds,
                      image_size=IMAGE_SIZE, optimizer=OPTIMIZER, k=K, multi_steps=MULTI_STEPS,
                      style_image=STYLE_IMAGE, channels_last=CHANNELS_LAST,
                      autocast=str(VGG_AUTOCAST))
