@@ -1,7 +1,8 @@
 """Neural style transfer (Gatys et al. 2016) and multi-modal stylisation by deep feature perturbation (DFP, 2020).
 
-Image inputs (path or URL, aspect-kept resize, grayscale/RGBA conversion, luminance-only colour preservation), the
-objective the stylised image minimises, its optimisation loop, the DFP targets and the diversity measures.
+Image inputs (path, URL or skimage:NAME; public-domain paintings by URL; aspect-kept resize; grayscale/RGBA
+conversion; luminance-only colour preservation), the objective the stylised image minimises, a sync-free L-BFGS and
+the optimisation step, the DFP targets and the diversity measures.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import itertools
 import os
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,11 +28,51 @@ from .vgg import VGG19Features
 CONTENT_LAYERS = ("relu4_2",)
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 MIN_SIDE = 32  # conv5_1 sees the image after 4 poolings (1/16): 32 px leaves it 2 x 2 positions
-URL_TIMEOUT_S = 30
+URL_TIMEOUT_S = 60  # seconds; a 1280 px painting is 0.3-3 MB
 YIQ_FROM_RGB = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 # --- Inputs --------------------------------------------------------------------------------------------------------
+
+SKIMAGE_PREFIX = "skimage:"  # "skimage:chelsea" = skimage.data.chelsea(), shipped with scikit-image (Colab has it)
+USER_AGENT = "genimg-notebooks/1.0 (neural style transfer course notebook; Python urllib)"  # Wikimedia asks for one
+
+
+@dataclass(frozen=True)
+class Painting:
+    """A public-domain painting on Wikimedia Commons: what it is and the address of the file."""
+
+    title: str
+    artist: str
+    year: str
+    url: str
+    page: str
+
+
+PAINTINGS = {
+    "starry_night": Painting(
+        "The Starry Night", "Vincent van Gogh", "1889",
+        "https://upload.wikimedia.org/wikipedia/commons/thumb/e/ea/Van_Gogh_-_Starry_Night_-_Google_Art_Project.jpg/"
+        "1280px-Van_Gogh_-_Starry_Night_-_Google_Art_Project.jpg",
+        "https://commons.wikimedia.org/wiki/File:Van_Gogh_-_Starry_Night_-_Google_Art_Project.jpg"),
+    "great_wave": Painting(
+        "The Great Wave off Kanagawa", "Katsushika Hokusai", "c. 1831",
+        "https://upload.wikimedia.org/wikipedia/commons/0/0a/The_Great_Wave_off_Kanagawa.jpg",
+        "https://commons.wikimedia.org/wiki/File:The_Great_Wave_off_Kanagawa.jpg"),
+    "composition_vii": Painting(
+        "Composition VII", "Wassily Kandinsky", "1913",
+        "https://upload.wikimedia.org/wikipedia/commons/b/b4/Vassily_Kandinsky%2C_1913_-_Composition_7.jpg",
+        "https://commons.wikimedia.org/wiki/File:Vassily_Kandinsky,_1913_-_Composition_7.jpg"),
+    "the_scream": Painting(
+        "The Scream", "Edvard Munch", "1893",
+        "https://upload.wikimedia.org/wikipedia/commons/c/c5/Edvard_Munch%2C_1893%2C_The_Scream%2C_oil%2C_tempera_and_"
+        "pastel_on_cardboard%2C_91_x_73_cm%2C_National_Gallery_of_Norway.jpg",
+        "https://commons.wikimedia.org/wiki/File:Edvard_Munch,_1893,_The_Scream,_oil,_tempera_and_pastel_on_cardboard,"
+        "_91_x_73_cm,_National_Gallery_of_Norway.jpg"),
+}
+# Offline stand-ins for the paintings (smoke mode downloads nothing): textured images from skimage.data.
+PAINTING_STAND_INS = {"starry_night": "skimage:immunohistochemistry", "great_wave": "skimage:coffee",
+                      "composition_vii": "skimage:rocket", "the_scream": "skimage:astronaut"}
 
 
 def is_url(source: str | os.PathLike) -> bool:
@@ -39,26 +81,42 @@ def is_url(source: str | os.PathLike) -> bool:
 
 
 def fetch_url(url: str, role: str = "image", timeout: float = URL_TIMEOUT_S) -> bytes:
-    """Download `url`; a failure says which input it was and what to do."""
-    request = urllib.request.Request(url, headers={"User-Agent": "genimg-notebooks/1.0"})
+    """Download `url` (with a User-Agent, as Wikimedia requires); a failure says which input it was and what to do."""
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read()
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise ConnectionError(
-            f"{role} '{url}' could not be downloaded ({getattr(err, 'reason', err)}); check the address and your "
-            "internet connection, or download the file and pass its path (e.g. put it in assets/)"
+            f"{role} '{url}' could not be downloaded within {timeout:g} s ({getattr(err, 'reason', err)}); check the "
+            "address and the runtime's internet connection, or download the file yourself and pass its path"
         ) from err
 
 
-def read_source(source: str | os.PathLike, role: str = "image") -> bytes:
-    """The bytes of an image given by path or URL; a missing file names the input and what to do."""
+def skimage_image(source: str, role: str = "image") -> Image.Image:
+    """The picture `skimage:NAME` names: skimage.data.NAME() (shipped with scikit-image, no download)."""
+    name = source[len(SKIMAGE_PREFIX):]
+    try:
+        import skimage.data
+    except ImportError as err:
+        raise ImportError(f"{role} '{source}' needs scikit-image: pip install scikit-image (Colab has it)") from err
+    loader = getattr(skimage.data, name, None)
+    if name.startswith("_") or not callable(loader):
+        raise ValueError(f"{role} '{source}': skimage.data has no image '{name}'; try skimage:chelsea, "
+                         "skimage:coffee, skimage:astronaut, or pass a path or an http(s) URL")
+    return Image.fromarray(np.asarray(loader()))
+
+
+def open_image(source: str | os.PathLike, role: str = "image") -> Image.Image:
+    """An RGB PIL image from `skimage:NAME`, an http(s) URL or a path; bad input names the input and what to do."""
+    if str(source).startswith(SKIMAGE_PREFIX):
+        return as_rgb_image(skimage_image(str(source), role))
     if is_url(source):
-        return fetch_url(str(source), role)
+        return decode_image(fetch_url(str(source), role), source, role)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{role} '{source}' not found; put it in assets/ or pass a full path or an http(s) URL")
-    return path.read_bytes()
+        raise FileNotFoundError(f"{role} '{source}' not found; pass a full path, an http(s) URL or skimage:NAME")
+    return decode_image(path.read_bytes(), source, role)
 
 
 def as_rgb_image(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -107,10 +165,18 @@ def check_vgg_size(height: int, width: int, role: str = "image", source: str | o
 
 def load_image(source: str | os.PathLike, size: int, role: str = "image",
                device: torch.device | str = "cpu") -> Tensor:
-    """Image by path or URL as a (1, 3, H, W) tensor in [0, 1], its longer side resized to `size` px."""
-    image = resize_long_side(decode_image(read_source(source, role), source, role), size)
+    """Image by path, URL or skimage:NAME as a (1, 3, H, W) tensor in [0, 1], its longer side resized to `size` px."""
+    image = resize_long_side(open_image(source, role), size)
     check_vgg_size(image.height, image.width, role, source)
     return (pil_to_tensor(image).float() / 255).unsqueeze(0).to(device)
+
+
+def describe_source(source: str | os.PathLike) -> str:
+    """A short caption for an image source: the painting's title and artist, or the file name."""
+    painting = next((p for p in PAINTINGS.values() if p.url == str(source)), None)
+    if painting is not None:
+        return f"{painting.title} ({painting.artist}, {painting.year})"
+    return str(source) if str(source).startswith(SKIMAGE_PREFIX) else os.path.basename(str(source))
 
 
 # --- Colour preservation (Gatys et al. 2016, "Preserving color in neural artistic style transfer") ----------------
@@ -145,62 +211,73 @@ def keep_colours(stylised: Tensor, content: Tensor) -> Tensor:
 
 
 def energy(target: Tensor) -> float:
-    """mean(target^2): the loss an all-zero prediction would have, used to make the loss weights unit-free."""
+    """mean(target^2): the loss of an all-zero prediction; dividing by it makes a loss unit-free."""
     return max(float(target.square().mean()), 1e-12)
 
 
-def features_by_name(vgg: VGG19Features, images: Tensor) -> dict[str, Tensor]:
-    """VGG19 feature maps of `images`, keyed by layer name."""
-    return dict(zip(vgg.layers, vgg(images)))
+def features_by_name(vgg: VGG19Features, images: Tensor,
+                     autocast: torch.dtype | None = None) -> dict[str, Tensor]:
+    """VGG19 feature maps by layer name, in float32 (VGG may run in `autocast`, e.g. bf16)."""
+    with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
+        maps = vgg(images)
+    return {name: f.float() for name, f in zip(vgg.layers, maps)}
+
+
+def relative_feature_loss(maps: dict[str, Tensor], layers: Sequence[str], targets: Sequence[Tensor],
+                          scales: Sequence[float]) -> Tensor:
+    """Mean over layers of content_loss(F_l, T_l) / scale_l: maps against targets, relative."""
+    terms = [content_loss(maps[n], t) / s for n, t, s in zip(layers, targets, scales)]
+    return sum(terms) / len(terms)
+
+
+def check_objective_layers(vgg: VGG19Features, content_layers: Sequence[str], style_layers: Sequence[str],
+                           feature_targets: Sequence[Tensor]) -> None:
+    """Raise if the extractor lacks a layer, or the DFP feature targets are not one per style layer."""
+    missing = [name for name in (*content_layers, *style_layers) if name not in vgg.layers]
+    if missing:
+        raise ValueError(f"the VGG19Features extractor does not return {missing}; build it with these layers")
+    if feature_targets and len(feature_targets) != len(style_layers):
+        raise ValueError(f"got {len(feature_targets)} feature targets for {len(style_layers)} style layers; "
+                         "give one per style layer")
 
 
 class StyleObjective(nn.Module):
-    """What the stylised image x minimises: alpha L_c/L_c0 + beta L_s/L_s0 + tau TV (+ gamma L_f/L_f0 for DFP targets).
-
-    L_c, L_s are Gatys et al.'s content and style losses (helpers.losses); each is divided by its value for an
-    all-zero feature map (the energy of its target: mean(P^2) and 1/4 mean(A^2) per layer), so alpha, beta, gamma are
-    unit-free and do not depend on the feature scale of the network. L_f is the optional feature-reconstruction loss
-    to per-layer target feature maps (the DFP targets of multi-modal transfer).
-    """
+    """What the image minimises: alpha L_c/L_c0 + beta L_s/L_s0 + tau TV (+ gamma L_f/L_f0), where
+    L_c0, L_s0, L_f0 are the losses of all-zero feature maps (so zero maps score 1) and L_f pulls
+    the style layers towards given feature maps (DFP's targets in multi-modal transfer)."""
 
     def __init__(self, vgg: VGG19Features, content: Tensor, style: Tensor,
-                 content_layers: Sequence[str] = CONTENT_LAYERS, style_layers: Sequence[str] = STYLE_LAYERS,
-                 layer_weights: Sequence[float] | None = None, content_weight: float = 1.0,
-                 style_weight: float = 1.0, tv_weight: float = 0.0,
-                 feature_targets: Sequence[Tensor] | None = None, feature_weight: float = 0.0) -> None:
+                 content_layers: Sequence[str] = CONTENT_LAYERS,
+                 style_layers: Sequence[str] = STYLE_LAYERS, layer_weights: Sequence[float] = (),
+                 alpha: float = 1.0, beta: float = 1.0, tau: float = 0.0,
+                 feature_targets: Sequence[Tensor] = (), gamma: float = 0.0,
+                 autocast: torch.dtype | None = None) -> None:
         super().__init__()
-        missing = [name for name in (*content_layers, *style_layers) if name not in vgg.layers]
-        if missing:
-            raise ValueError(f"the VGG19Features extractor does not return {missing}; build it with these layers")
-        self.vgg = vgg
+        check_objective_layers(vgg, content_layers, style_layers, feature_targets)
+        self.vgg, self.autocast = vgg, autocast
         self.content_layers, self.style_layers = list(content_layers), list(style_layers)
-        self.weights = {"content": content_weight, "style": style_weight, "tv": tv_weight, "feature": feature_weight}
-        layer_weights = [1.0 / len(style_layers)] * len(style_layers) if layer_weights is None else list(layer_weights)
-        with torch.no_grad():
-            content_feats, style_feats = features_by_name(vgg, content), features_by_name(vgg, style)
-        self.content_targets = [content_feats[name] for name in self.content_layers]
-        self.gram_targets = [gram_matrix(style_feats[name]) for name in self.style_layers]
-        self.content_scale = sum(energy(t) for t in self.content_targets) / len(self.content_targets)
-        self.layer_weights = [w / energy(0.25 * a) for w, a in zip(layer_weights, self.gram_targets)]
-        self.feature_targets = [t.detach() for t in feature_targets or []]
-        self.feature_scales = [energy(t) for t in self.feature_targets]
-        if feature_targets is not None and len(self.feature_targets) != len(self.style_layers):
-            raise ValueError(f"got {len(self.feature_targets)} feature targets for {len(self.style_layers)} "
-                             "style layers; give one per style layer")
+        self.weights = {"content": alpha, "style": beta, "tv": tau, "feature": gamma}
+        maps_c, maps_s = (features_by_name(vgg, x.detach(), autocast) for x in (content, style))
+        self.content_targets = [maps_c[name] for name in self.content_layers]
+        self.gram_targets = [gram_matrix(maps_s[name]) for name in self.style_layers]
+        self.content_scales = [energy(p) for p in self.content_targets]  # zero map: mean(P^2)
+        layer_weights = layer_weights or [1 / len(style_layers)] * len(style_layers)
+        self.layer_weights = [w / (0.25 * energy(a))  # zero map: E_l = 1/4 mean(A_l^2)
+                              for w, a in zip(layer_weights, self.gram_targets)]
+        self.feature_targets = feature_targets
+        self.feature_scales = [energy(t) for t in feature_targets]
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """The relative content, style (and feature) losses, TV and their weighted total for images in [0, 1]."""
-        feats = features_by_name(self.vgg, images)
-        losses = {
-            "content": sum(content_loss(feats[n], t) for n, t in zip(self.content_layers, self.content_targets))
-            / len(self.content_layers) / self.content_scale,
-            "style": style_loss([feats[n] for n in self.style_layers], self.gram_targets, self.layer_weights),
-            "tv": total_variation_loss(images),
-        }
+        """The relative losses, TV and their weighted total for images in [0, 1]."""
+        maps = features_by_name(self.vgg, images, self.autocast)
+        losses = {"content": relative_feature_loss(maps, self.content_layers, self.content_targets,
+                                                   self.content_scales),
+                  "style": style_loss([maps[n] for n in self.style_layers], self.gram_targets,
+                                      self.layer_weights),
+                  "tv": total_variation_loss(images)}
         if self.feature_targets:
-            terms = [content_loss(feats[n], t) / scale
-                     for n, t, scale in zip(self.style_layers, self.feature_targets, self.feature_scales)]
-            losses["feature"] = sum(terms) / len(terms)
+            losses["feature"] = relative_feature_loss(maps, self.style_layers, self.feature_targets,
+                                                      self.feature_scales)
         losses["total"] = sum(self.weights[name] * value for name, value in losses.items())
         return losses
 
@@ -227,19 +304,92 @@ def initial_image(content: Tensor, init: str = "noise", seed: int = 0) -> Tensor
     return torch.rand(content.shape, generator=generator).to(content.device)
 
 
+class SyncFreeLBFGS(torch.optim.Optimizer):
+    """L-BFGS without line search, one iteration per step(closure), that never waits for the GPU.
+
+    It takes the steps of torch.optim.LBFGS(lr, max_iter=1, history_size) (tests compare the two), but keeps every
+    scalar on the device: torch's version reads values back to the host about twice per stored pair and iteration
+    (up to 200 host syncs per iteration), each one stalling a GPU. Where torch's decides on the host, this one does
+    it with arithmetic: a curvature pair with y.s <= 1e-10 is stored with weight 0 instead of being skipped (it
+    takes a history slot), and no step is refused or stops early (torch skips a step whose direction does not
+    descend or whose gradient is below 1e-7; we let the step run).
+    """
+
+    def __init__(self, params, lr: float = 1.0, history_size: int = 100) -> None:
+        super().__init__(params, {"lr": lr, "history_size": history_size})
+        tensors = [p for group in self.param_groups for p in group["params"]]
+        if len(tensors) != 1:
+            raise ValueError(f"SyncFreeLBFGS optimises one tensor (the image's pixels), got {len(tensors)}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Evaluate the loss and gradient by `closure`, then move the pixels along the L-BFGS direction."""
+        with torch.enable_grad():
+            loss = closure()
+        group = self.param_groups[0]
+        pixels = group["params"][0]
+        grad = pixels.grad.detach().reshape(-1).clone()
+        state = self.state[pixels]
+        if not state:  # first iteration: steepest descent, as torch's, with step min(1, 1/|g|_1) * lr
+            size = group["history_size"], grad.numel()
+            state.update(pairs=0, s=grad.new_zeros(size), y=grad.new_zeros(size), rho=grad.new_zeros(size[0]),
+                         h_diag=grad.new_ones(()))
+            direction, step_size = -grad, (1 / grad.abs().sum()).clamp(max=1.0) * group["lr"]
+        else:
+            self._store_pair(state, grad)
+            direction, step_size = self._direction(state, grad), group["lr"]
+        pixels.add_(direction.view_as(pixels) * step_size)
+        state.update(prev_grad=grad, direction=direction, step_size=step_size)
+        return loss
+
+    @staticmethod
+    def _store_pair(state: dict, grad: Tensor) -> None:
+        """Add the newest curvature pair (s, y) to the ring buffer; its weight rho is 0 where y.s <= 1e-10."""
+        s, y = state["direction"] * state["step_size"], grad - state["prev_grad"]
+        ys = y.dot(s)
+        curved = ys > 1e-10
+        slot = state["pairs"] % len(state["rho"])
+        state["s"][slot], state["y"][slot] = s, y
+        state["rho"][slot] = torch.where(curved, 1 / ys, 0.0)
+        state["h_diag"] = torch.where(curved, ys / y.dot(y), state["h_diag"])
+        state["pairs"] += 1
+
+    @staticmethod
+    def _direction(state: dict, grad: Tensor) -> Tensor:
+        """-H g by the two-loop recursion over the stored pairs (newest first, then oldest first)."""
+        size = len(state["rho"])
+        newest_first = [(state["pairs"] - 1 - k) % size for k in range(min(state["pairs"], size))]
+        s, y, rho = state["s"], state["y"], state["rho"]
+        q, alphas = -grad, {}
+        for i in newest_first:
+            alphas[i] = rho[i] * s[i].dot(q)
+            q.addcmul_(y[i], alphas[i], value=-1)  # q -= alpha_i y_i
+        r = q.mul_(state["h_diag"])
+        for i in reversed(newest_first):
+            r.addcmul_(s[i], alphas[i] - rho[i] * y[i].dot(r))  # r += (alpha_i - beta_i) s_i
+        return r
+
+
 def make_optimizer(image: StylisedImage, name: str = "lbfgs", lr: float | None = None,
                    history_size: int = 100) -> torch.optim.Optimizer:
-    """L-BFGS (the paper; one iteration per step() call) or Adam over the image's pixels."""
+    """Optimizer over the image's pixels: "lbfgs" (the paper's method, SyncFreeLBFGS), "torch_lbfgs"
+    (torch.optim.LBFGS, one iteration per step() call: the same steps, with host syncs) or "adam"."""
     if name == "lbfgs":
+        return SyncFreeLBFGS(image.parameters(), lr=lr or 1.0, history_size=history_size)
+    if name == "torch_lbfgs":
         return torch.optim.LBFGS(image.parameters(), lr=lr or 1.0, max_iter=1, history_size=history_size)
     if name == "adam":
         return torch.optim.Adam(image.parameters(), lr=lr or 0.02)
-    raise ValueError(f"optimizer must be 'lbfgs' (the paper's) or 'adam', got {name!r}")
+    raise ValueError(f"optimizer must be 'lbfgs' (the paper's), 'torch_lbfgs' or 'adam', got {name!r}")
 
 
 def optimisation_step(objective: StyleObjective, image: StylisedImage,
-                      optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """One iteration: losses at the current image, a step of the optimizer, pixels clamped back to [0, 1]."""
+                      optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """One iteration: losses at the current image, one optimizer step, pixels clamped to [0, 1].
+
+    The losses come back as tensors on the device: float(...) of one waits for the GPU, so a loop
+    reads them only every few iterations.
+    """
     losses: dict[str, Tensor] = {}
 
     def closure() -> Tensor:
@@ -251,7 +401,7 @@ def optimisation_step(objective: StyleObjective, image: StylisedImage,
     optimizer.step(closure)
     with torch.no_grad():
         image.pixels.clamp_(0, 1)
-    return {name: float(value.detach()) for name, value in losses.items()}
+    return {name: value.detach() for name, value in losses.items()}
 
 
 def evaluate(objective: StyleObjective, images: Tensor) -> dict[str, float]:
@@ -261,48 +411,53 @@ def evaluate(objective: StyleObjective, images: Tensor) -> dict[str, float]:
     return {name: sum(float(v[name]) for v in values) / len(values) for name in values[0]}
 
 
-def stylise(objective: StyleObjective, init: Tensor, steps: int, optimizer: str = "lbfgs", lr: float | None = None,
-            on_step: Callable[[int, dict[str, float]], None] | None = None) -> Tensor:
-    """Gatys et al.'s optimisation: from `init`, `steps` optimizer iterations; returns the image (1, 3, H, W)."""
+def stylise(objective: StyleObjective, init: Tensor, steps: int, optimizer: str = "lbfgs",
+            lr: float | None = None) -> Tensor:
+    """Gatys et al.'s optimisation: from `init`, `steps` optimizer iterations; returns the image."""
     image = StylisedImage(init)
     opt = make_optimizer(image, optimizer, lr)
-    for step in range(steps):
-        losses = optimisation_step(objective, image, opt)
-        if on_step is not None:
-            on_step(step + 1, losses)
+    for _ in range(steps):
+        optimisation_step(objective, image, opt)
     return image().detach()
 
 
-# --- Multi-modal transfer: deep feature perturbation (DFP, Wang et al. CVPR 2020) ---------------------------------
+# --- Multi-modal transfer: deep feature perturbation (DFP, Wang et al. CVPR 2020) -------------------------------
 
 
 def random_orthogonal(n: int, generator: torch.Generator | None = None) -> Tensor:
-    """A random orthogonal n x n matrix Z (Z Z^T = I): the left singular vectors of a Gaussian matrix."""
+    """A random orthogonal n x n matrix Z (Z Z^T = I): the left singular vectors of a Gaussian."""
     u, _, _ = torch.linalg.svd(torch.randn(n, n, generator=generator, dtype=torch.float64))
     return u
 
 
-def _eigen(features: Tensor, rel_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, eigenvectors E and eigenvalues D of the covariance of features (N, M), keeping D > rel_eps * max(D)."""
+def covariance_eigen(features: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean m, eigenvectors E, eigenvalues D of the covariance of features (N, M); D > eps max D."""
     mean = features.mean(dim=1, keepdim=True)
     centred = features - mean
     values, vectors = torch.linalg.eigh(centred @ centred.T / features.shape[1])
-    keep = values > rel_eps * values.max().clamp_min(1e-30)
+    keep = values > eps * values.max().clamp_min(1e-30)
     return mean, vectors[:, keep], values[keep]
 
 
-def whitening_colouring(content: Tensor, style: Tensor, z: Tensor | Callable[[int], Tensor] | None = None,
-                        rel_eps: float = 1e-5) -> Tensor:
-    """WCT of content features (1, N, H, W) to the style's covariance: E_s D_s^1/2 [Z] E_s^T f_c_hat + m_s.
+def feature_covariance(features: Tensor) -> Tensor:
+    """Covariance (N x N, float64) of a feature map (1, N, H, W) over its positions."""
+    flat = features.flatten(2)[0].double()
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    return centred @ centred.T / flat.shape[1]
 
-    f_c_hat = E_c D_c^-1/2 E_c^T (f_c - m_c) is the whitened content. `z` is DFP's random orthogonal k x k matrix,
-    k the rank of the style covariance (or a function of k giving one); None is plain WCT (Li et al. 2017).
+
+def whitening_colouring(content: Tensor, style: Tensor,
+                        z: Tensor | Callable[[int], Tensor] | None = None) -> Tensor:
+    """Whitening-colouring transform of content features (1, N, H, W) to the style's statistics:
+    E_s D_s^1/2 [Z] E_s^T f^ + m_s, with f^ = E_c D_c^-1/2 E_c^T (f_c - m_c) the whitened content.
+
+    `z`: DFP's random orthogonal k x k matrix, k the rank of the style covariance (or a function of
+    k giving one); None: plain WCT (Li et al. 2017).
     """
     _, n, h, w = content.shape
-    fc = content.reshape(n, h * w).double()
-    fs = style.reshape(n, -1).double()
-    mc, ec, dc = _eigen(fc, rel_eps)
-    ms, es, ds = _eigen(fs, rel_eps)
+    fc, fs = content.reshape(n, h * w).double(), style.reshape(n, -1).double()
+    mc, ec, dc = covariance_eigen(fc)
+    ms, es, ds = covariance_eigen(fs)
     whitened = ec @ torch.diag(dc.rsqrt()) @ ec.T @ (fc - mc)
     if callable(z):
         z = z(es.shape[1])
@@ -311,30 +466,36 @@ def whitening_colouring(content: Tensor, style: Tensor, z: Tensor | Callable[[in
     return coloured.reshape(1, n, h, w).to(content.dtype)
 
 
-def dfp_target(content: Tensor, style: Tensor, z: Tensor | Callable[[int], Tensor], lam: float = 0.6,
-               alpha: float = 0.6) -> Tensor:
-    """DFP feature target: alpha [lam WCT_Z + (1 - lam) WCT] + (1 - alpha) f_c (lam: diversity, alpha: stylisation)."""
+def dfp_target(content: Tensor, style: Tensor, z: Tensor | Callable[[int], Tensor],
+               lam: float = 0.6, alpha: float = 0.6) -> Tensor:
+    """DFP's feature target: alpha [lam WCT_Z + (1 - lam) WCT] + (1 - alpha) f_c.
+
+    lam: diversity strength, alpha: stylisation strength (both 0.6 in the DFP paper and code).
+    """
     for name, value in (("lam", lam), ("alpha", alpha)):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"DFP's {name} blends two feature maps, so it must lie in [0, 1], got {value}")
+            raise ValueError(f"DFP's {name} blends two feature maps, so it must lie in [0, 1], "
+                             f"got {value}")
 
-    def blended(k: int) -> Tensor:  # lam Z + (1 - lam) I: one WCT gives lam WCT_Z + (1 - lam) WCT
+    def blended(k: int) -> Tensor:  # one WCT with lam Z + (1 - lam) I = lam WCT_Z + (1 - lam) WCT
         z_k = z(k) if callable(z) else z
         return lam * z_k + (1 - lam) * torch.eye(k, dtype=z_k.dtype, device=z_k.device)
 
     return alpha * whitening_colouring(content, style, blended) + (1 - alpha) * content
 
 
-def dfp_targets(vgg: VGG19Features, content: Tensor, style: Tensor, layers: Sequence[str] = STYLE_LAYERS,
-                seed: int = 0, lam: float = 0.6, alpha: float = 0.6) -> list[Tensor]:
-    """One DFP target per layer for one draw of the random orthogonal matrices (a new seed: a new stylisation)."""
+def dfp_targets(vgg: VGG19Features, content: Tensor, style: Tensor,
+                layers: Sequence[str] = STYLE_LAYERS, seed: int = 0, lam: float = 0.6,
+                alpha: float = 0.6) -> list[Tensor]:
+    """One DFP target per layer for one draw of random orthogonal matrices (new seed, new draw)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         fc, fs = features_by_name(vgg, content), features_by_name(vgg, style)
-    return [dfp_target(fc[name], fs[name], lambda k: random_orthogonal(k, generator), lam, alpha) for name in layers]
+    return [dfp_target(fc[name], fs[name], lambda k: random_orthogonal(k, generator), lam, alpha)
+            for name in layers]
 
 
-# --- Diversity ------------------------------------------------------------------------------------------------------
+# --- Diversity ----------------------------------------------------------------------------------------------
 
 
 def _pairs(count: int) -> list[tuple[int, int]]:
@@ -345,7 +506,8 @@ def _pairs(count: int) -> list[tuple[int, int]]:
 
 
 def feature_diversity(images: Tensor, vgg: VGG19Features) -> float:
-    """Mean over pairs of (1/L) sum_l mean_positions |phi_l(x_i) - phi_l(x_j)|^2, features unit-normalised per position.
+    """Mean over pairs of (1/L) sum_l mean_positions |phi_l(x_i) - phi_l(x_j)|^2, features unit-normalised per
+    position.
 
     LPIPS without its learned weights: 0 for identical images, at most 4.
     """

@@ -1,8 +1,10 @@
 """helpers.style: image inputs and their errors, colour preservation, the objective, DFP and diversity."""
 import functools
+import hashlib
 import http.server
+import socket
 import threading
-from pathlib import Path
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -10,11 +12,9 @@ import torch
 from PIL import Image
 
 from helpers import style
+from helpers.training import load_checkpoint, save_checkpoint
 from helpers.vgg import VGG19Features
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-ASSETS = REPO_ROOT / "assets"
 VGG19_PARAMETERS_TO_CONV5_1 = 12_944_960  # sum of (in * out * 9 + out) over conv1_1 ... conv5_1
 
 
@@ -35,9 +35,22 @@ def test_vgg_extractor_for_style_transfer_has_the_paper_layers(vgg):
 
 
 def test_load_image_keeps_the_aspect_ratio():
-    image = style.load_image(ASSETS / "chelsea.jpg", 90, "content image")  # 451 x 300 photo
+    image = style.load_image("skimage:chelsea", 90, "content image")  # 451 x 300 photo
     assert image.shape == (1, 3, 60, 90)
     assert 0.0 <= image.min() and image.max() <= 1.0
+
+
+def test_skimage_source_equals_the_skimage_array():
+    import skimage.data
+
+    image = style.load_image("skimage:immunohistochemistry", 512)  # 512 x 512: no resize
+    expected = torch.from_numpy(skimage.data.immunohistochemistry()).permute(2, 0, 1).float() / 255
+    assert torch.equal(image[0], expected)
+
+
+def test_unknown_skimage_name_says_what_to_pass():
+    with pytest.raises(ValueError, match=r"style image 'skimage:starry': skimage\.data has no image 'starry'"):
+        style.load_image("skimage:starry", 64, "style image")
 
 
 def test_resize_long_side_of_a_tall_image():
@@ -45,9 +58,10 @@ def test_resize_long_side_of_a_tall_image():
 
 
 def test_grayscale_image_becomes_three_equal_channels():
-    image = style.load_image(ASSETS / "gravel.jpg", 64, "style image")  # an 'L' mode JPEG
+    image = style.load_image("skimage:gravel", 64, "style image")  # a 2-D (grayscale) array
     assert image.shape == (1, 3, 64, 64)
     assert torch.equal(image[:, 0], image[:, 1]) and torch.equal(image[:, 1], image[:, 2])
+    assert image.std() > 0.05  # a texture, not a flat gray
 
 
 def test_rgba_is_flattened_onto_white(tmp_path):
@@ -67,7 +81,7 @@ def test_sixteen_bit_gray_is_scaled_not_clipped():
 
 
 def test_missing_file_names_the_input():
-    with pytest.raises(FileNotFoundError, match=r"content image 'nope\.jpg' not found; put it in assets/"):
+    with pytest.raises(FileNotFoundError, match=r"content image 'nope\.jpg' not found; pass a full path, an http"):
         style.load_image("nope.jpg", 64, "content image")
 
 
@@ -100,9 +114,66 @@ def test_image_by_url(tmp_path):
     assert image.shape == (1, 3, 32, 64) and image[0, 1].min() == 1.0
 
 
+@pytest.mark.parametrize("key", sorted(style.PAINTINGS))
+def test_painting_urls_are_the_commons_files_their_pages_name(key):
+    # upload.wikimedia.org/wikipedia/commons[/thumb]/a/ab/NAME[/1280px-NAME], where ab = md5(NAME)[:2].
+    painting = style.PAINTINGS[key]
+    url = urllib.parse.urlsplit(painting.url)
+    assert (url.scheme, url.netloc) == ("https", "upload.wikimedia.org")
+    parts = url.path.split("/")[3:]
+    thumb = parts[0] == "thumb"
+    a, ab, name = parts[thumb:thumb + 3]
+    digest = hashlib.md5(urllib.parse.unquote(name).encode()).hexdigest()
+    assert (a, ab) == (digest[0], digest[:2])
+    assert urllib.parse.unquote(name) == painting.page.split("/wiki/File:")[1]
+    assert parts[thumb + 3:] == ([f"1280px-{name}"] if thumb else [])
+    assert style.PAINTING_STAND_INS[key].startswith("skimage:")
+    assert style.describe_source(painting.url) == f"{painting.title} ({painting.artist}, {painting.year})"
+
+
+class RecordingHandler(http.server.SimpleHTTPRequestHandler):
+    user_agents: list = []
+
+    def do_GET(self):
+        self.user_agents.append(self.headers["User-Agent"])
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_painting_url_is_downloaded_with_a_user_agent(tmp_path):
+    # The Starry Night's Wikimedia path, served from a local server (this machine cannot reach Wikimedia).
+    path = urllib.parse.urlsplit(style.PAINTINGS["starry_night"].url).path
+    local_file = tmp_path / urllib.parse.unquote(path).lstrip("/")
+    local_file.parent.mkdir(parents=True)
+    Image.new("RGB", (1280, 1014), (20, 40, 200)).save(local_file, "JPEG")
+    handler = functools.partial(RecordingHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        image = style.load_image(f"http://127.0.0.1:{server.server_port}{path}", 512, "style image")
+    finally:
+        server.shutdown()
+    assert image.shape == (1, 3, 406, 512)
+    assert RecordingHandler.user_agents[-1] == style.USER_AGENT and "genimg-notebooks" in style.USER_AGENT
+
+
+def test_a_server_that_never_answers_times_out_with_a_clear_error():
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/painting.jpg"
+        with pytest.raises(ConnectionError, match=r"style image '.*' could not be downloaded within 0.5 s .*timed out"):
+            style.fetch_url(url, "style image", timeout=0.5)
+    finally:
+        silent.close()
+
+
 def test_too_small_for_vgg_pooling():
-    with pytest.raises(ValueError, match=r"content image '.*chelsea\.jpg' would be 30x20 px.*at least 32 px.*IMAGE_SIZE"):
-        style.load_image(ASSETS / "chelsea.jpg", 30, "content image")
+    with pytest.raises(ValueError, match=r"content image 'skimage:chelsea' would be 30x20 px.*at least 32 px.*IMAGE_SIZE"):
+        style.load_image("skimage:chelsea", 30, "content image")
 
 
 def test_elongated_image_is_too_small_even_at_a_large_size(tmp_path):
@@ -143,7 +214,7 @@ def test_luminance_image_matches_the_reference_statistics():
 
 def test_objective_is_zero_where_it_should_be(vgg):
     content, style_image = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
-    objective = style.StyleObjective(vgg, content, style_image, style_weight=10.0)
+    objective = style.StyleObjective(vgg, content, style_image, beta=10.0)
     at_content = style.evaluate(objective, content)
     at_style = style.evaluate(objective, style_image)
     assert at_content["content"] == 0.0 and at_style["style"] < 1e-10
@@ -154,7 +225,7 @@ def test_objective_is_zero_where_it_should_be(vgg):
 def test_stylise_lowers_the_total_loss(vgg):
     torch.manual_seed(1)
     content, style_image = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
-    objective = style.StyleObjective(vgg, content, style_image, style_weight=10.0, tv_weight=1.0)
+    objective = style.StyleObjective(vgg, content, style_image, beta=10.0, tau=1.0)
     for optimizer in ("lbfgs", "adam"):
         init = style.initial_image(content, "noise", seed=3)
         result = style.stylise(objective, init, steps=4, optimizer=optimizer)
@@ -173,13 +244,140 @@ def test_initial_image_and_optimizer_options():
         style.make_optimizer(style.StylisedImage(content), "sgd")
 
 
+def _quadratic(n=40, seed=0):
+    """0.5 x^T A x - b^T x with an ill-conditioned A (eigenvalues 0.1 ... 10), in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    a = q @ torch.diag(torch.logspace(-1, 1, n, dtype=torch.float64)) @ q.T
+    b = torch.randn(n, generator=generator, dtype=torch.float64)
+    return a, b, torch.randn(n, generator=generator, dtype=torch.float64)
+
+
+def _lbfgs_path(make, steps, a, b, x0):
+    x = torch.nn.Parameter(x0.clone())
+    optimizer = make([x])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = 0.5 * x @ a @ x - b @ x
+        loss.backward()
+        return loss
+
+    path = []
+    for _ in range(steps):
+        optimizer.step(closure)
+        path.append(x.detach().clone())
+    return path
+
+
+def test_sync_free_lbfgs_takes_the_steps_of_torch_lbfgs():
+    # 12 iterations with a 5-pair history: the ring buffer wraps around twice.
+    a, b, x0 = _quadratic()
+    ours = _lbfgs_path(lambda p: style.SyncFreeLBFGS(p, lr=1.0, history_size=5), 12, a, b, x0)
+    torchs = _lbfgs_path(lambda p: torch.optim.LBFGS(p, lr=1.0, max_iter=1, history_size=5), 12, a, b, x0)
+    for step, (x_ours, x_torch) in enumerate(zip(ours, torchs)):
+        assert torch.allclose(x_ours, x_torch, rtol=0, atol=1e-12), f"iteration {step + 1}"
+    assert (ours[-1] - ours[0]).norm() > 0.1  # it did move
+
+
+def test_sync_free_lbfgs_minimises_a_quadratic():
+    a, b, x0 = _quadratic()
+    x_star = torch.linalg.solve(a, b)
+    path = _lbfgs_path(lambda p: style.SyncFreeLBFGS(p, history_size=10), 60, a, b, x0)
+    assert (path[-1] - x_star).norm() < 1e-3 * (x0 - x_star).norm()
+
+
+def test_sync_free_lbfgs_weights_a_pair_without_curvature_zero():
+    # Along a linear loss y = 0: the pair is stored with rho = 0 and the step stays steepest descent.
+    x = torch.nn.Parameter(torch.zeros(3))
+    optimizer = style.SyncFreeLBFGS([x], lr=1.0)
+    direction = torch.tensor([1.0, -2.0, 0.5])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = -(direction * x).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    state = optimizer.state[x]
+    assert state["pairs"] == 2 and state["rho"][:2].tolist() == [0.0, 0.0]
+    # step 1: (1 / |g|_1) g = g / 3.5; steps 2, 3: lr * g with H = 1
+    assert torch.allclose(x.detach(), direction * (1 / 3.5 + 2), atol=1e-6)
+
+
+def test_sync_free_lbfgs_on_the_style_objective_matches_torch(vgg):
+    torch.manual_seed(2)
+    content, style_image = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    objective = style.StyleObjective(vgg, content, style_image, beta=400.0, tau=10.0)
+    results = {}
+    for name in ("lbfgs", "torch_lbfgs"):
+        image = style.StylisedImage(style.initial_image(content, "noise", seed=1))
+        optimizer = style.make_optimizer(image, name)
+        for _ in range(6):
+            style.optimisation_step(objective, image, optimizer)
+        results[name] = image().detach()
+    assert torch.allclose(results["lbfgs"], results["torch_lbfgs"], atol=1e-4)
+
+
+def test_optimisation_step_returns_the_losses_as_device_tensors(vgg):
+    content = torch.rand(1, 3, 32, 32)
+    objective = style.StyleObjective(vgg, content, torch.rand(1, 3, 32, 32))
+    image = style.StylisedImage(style.initial_image(content))
+    losses = style.optimisation_step(objective, image, style.make_optimizer(image))
+    assert set(losses) == {"content", "style", "tv", "total"}
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in losses.values())
+
+
+def test_lbfgs_resumed_from_a_checkpoint_continues_the_same_run(vgg, tmp_path):
+    content, style_image = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    objective = style.StyleObjective(vgg, content, style_image, beta=400.0)
+
+    def fresh():
+        image = style.StylisedImage(style.initial_image(content, seed=4))
+        return image, style.make_optimizer(image, history_size=3)
+
+    image, optimizer = fresh()
+    for _ in range(6):
+        style.optimisation_step(objective, image, optimizer)
+    straight = image().detach().clone()
+    image, optimizer = fresh()
+    for _ in range(4):
+        style.optimisation_step(objective, image, optimizer)
+    save_checkpoint(tmp_path / "run.pt", {"image": image, "optimizer": optimizer}, 4)
+    image, optimizer = fresh()
+    load_checkpoint(tmp_path / "run.pt", {"image": image, "optimizer": optimizer})
+    for _ in range(2):
+        style.optimisation_step(objective, image, optimizer)
+    assert torch.equal(image().detach(), straight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on a GPU")
+def test_optimisation_step_never_waits_for_the_gpu():
+    torch.manual_seed(0)
+    vgg_cuda = VGG19Features([*style.CONTENT_LAYERS, *style.STYLE_LAYERS], pretrained=False).cuda()
+    content = torch.rand(1, 3, 64, 64, device="cuda")
+    objective = style.StyleObjective(vgg_cuda, content, torch.rand(1, 3, 64, 64, device="cuda"), tau=1.0)
+    image = style.StylisedImage(style.initial_image(content))
+    optimizer = style.make_optimizer(image)
+    style.optimisation_step(objective, image, optimizer)  # first step allocates the history
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            style.optimisation_step(objective, image, optimizer)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # --- DFP ------------------------------------------------------------------------------------------------------------
 
 
-def _covariance(features: torch.Tensor) -> torch.Tensor:
-    flat = features.flatten(2)[0].double()
-    centred = flat - flat.mean(dim=1, keepdim=True)
-    return centred @ centred.T / flat.shape[1]
+def test_feature_covariance_by_hand():
+    # Channel 0 = [1, 3], channel 1 = [2, 2]: variances 1 and 0, covariance 0.
+    features = torch.tensor([[1.0, 3.0], [2.0, 2.0]]).view(1, 2, 1, 2)
+    assert style.feature_covariance(features).tolist() == [[1.0, 0.0], [0.0, 0.0]]
 
 
 def test_random_orthogonal():
@@ -191,11 +389,11 @@ def test_wct_and_dfp_keep_the_style_mean_and_covariance():
     generator = torch.Generator().manual_seed(0)
     content = torch.randn(1, 4, 8, 10, generator=generator)
     style_features = torch.randn(1, 4, 6, 9, generator=generator) * torch.tensor([3.0, 1.0, 0.5, 2.0]).view(1, 4, 1, 1)
-    target = _covariance(style_features)
+    target = style.feature_covariance(style_features)
     plain = style.whitening_colouring(content, style_features)
     perturbed = style.whitening_colouring(content, style_features, style.random_orthogonal(4, generator))
     for output in (plain, perturbed):
-        assert torch.allclose(_covariance(output), target, atol=1e-4)
+        assert torch.allclose(style.feature_covariance(output), target, atol=1e-4)
         assert torch.allclose(output.mean(dim=(2, 3)), style_features.mean(dim=(2, 3)), atol=1e-5)
     assert (plain - perturbed).abs().mean() > 0.1  # same statistics, different features: the source of diversity
 
@@ -242,3 +440,27 @@ def test_lpips_diversity_averages_a_metric_over_pairs():
     # A stand-in "metric": |mean(a) - mean(b)|. Means 0, 0.5, 1 -> pairs 0.5, 1, 0.5 -> 2/3.
     images = torch.stack([torch.full((3, 4, 4), v) for v in (0.0, 0.5, 1.0)])
     assert style.lpips_diversity(images, lambda a, b: (a.mean() - b.mean()).abs()) == pytest.approx(2 / 3)
+
+
+class ScaledImage(torch.nn.Module):
+    """A stand-in feature extractor: the map of layer k is (k + 1) x the image, so a black image gives zero maps."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = list(layers)
+
+    def forward(self, images):
+        return [(k + 1) * images for k in range(len(self.layers))]
+
+
+def test_an_all_zero_feature_map_scores_one_in_relative_units():
+    # The text's unit: each loss divided by its value for an all-zero feature map (content: mean(P^2); style layer
+    # l: 1/4 mean(A_l^2)), so zero maps score exactly 1 for content and 1 for style (layer weights sum to 1).
+    extractor = ScaledImage(["relu4_2", "relu1_1", "relu2_1"])
+    content, style_image = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    objective = style.StyleObjective(extractor, content, style_image, ["relu4_2"], ["relu1_1", "relu2_1"],
+                                     beta=3.0)
+    losses = style.evaluate(objective, torch.zeros(1, 3, 8, 8))
+    assert losses["content"] == pytest.approx(1.0, rel=1e-6)
+    assert losses["style"] == pytest.approx(1.0, rel=1e-6)
+    assert losses["total"] == pytest.approx(1.0 + 3.0 * 1.0, rel=1e-6)
