@@ -567,8 +567,9 @@ def evaluate(g) -> dict[str, float]:
     for batch in test_loader:
         x, real = make_input(batch, IMAGE_SIZE)
         fake = g(x).float().clamp(-1, 1)
-        scores["PSNR (dB)"] += psnr(fake, real).tolist()
-        scores["SSIM"] += ssim(fake, real).tolist()
+        fake01, real01 = (fake + 1) / 2, (real + 1) / 2  # PSNR and SSIM are defined on [0, 1]
+        scores["PSNR (dB)"] += psnr(fake01, real01).tolist()
+        scores["SSIM"] += ssim(fake01, real01).tolist()
         if LPIPS_MODEL is not None:
             scores["LPIPS"] += [LPIPS_MODEL(f[None], r[None]).item() for f, r in zip(fake, real)]
     return {name: sum(v) / len(v) for name, v in scores.items() if v}
