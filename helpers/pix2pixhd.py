@@ -157,18 +157,18 @@ def input_channels(label_nc: int, use_instance: bool) -> int:
     return (label_nc if label_nc > 0 else 3) + int(use_instance)
 
 
-# --- generator (taught in notebook 05: lines <= 100) ------------------------------------------------------------
+# --- generator (taught in notebook 05: lines <= 100) ---------------------------------------------
 
 
 def init_weights(module: nn.Module) -> None:
-    """Official initialisation: conv weights drawn from N(0, 0.02); biases keep PyTorch's default."""
+    """Official initialisation: conv weights from N(0, 0.02); biases keep PyTorch's default."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
 
 
 def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int = 1,
                reflect: int = 0) -> list[nn.Module]:
-    """[ReflectionPad] + Conv + InstanceNorm + ReLU (zero padding 1 for the stride-2 3x3 downsamplings)."""
+    """[ReflectionPad] + Conv + InstanceNorm + ReLU (zero padding 1 for the stride-2 3x3 convs)."""
     pad = [nn.ReflectionPad2d(reflect)] if reflect else []
     conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=0 if reflect else 1)
     return [*pad, conv, nn.InstanceNorm2d(out_ch), nn.ReLU(True)]
@@ -231,10 +231,11 @@ class GlobalGenerator(nn.Module):
 
 
 class LocalEnhancer(nn.Module):
-    """G = {G1, G2}: G1 (width 2*ngf, no RGB head) runs on the half-size input; adds to G2's features."""
+    """G = {G1, G2}: G1 (width 2*ngf, no RGB head) on the half-size input, added to G2's output."""
 
-    def __init__(self, input_nc: int, output_nc: int = 3, ngf: int = 32, n_downsample_global: int = 4,
-                 n_blocks_global: int = 9, n_blocks_local: int = 3) -> None:
+    def __init__(self, input_nc: int, output_nc: int = 3, ngf: int = 32,
+                 n_downsample_global: int = 4, n_blocks_global: int = 9,
+                 n_blocks_local: int = 3) -> None:
         super().__init__()
         self.multiple = 2 ** (n_downsample_global + 1)
         self.global_features = GlobalGenerator(input_nc, output_nc, 2 * ngf, n_downsample_global,
@@ -257,7 +258,8 @@ class LocalEnhancer(nn.Module):
 
     def local_parameters(self) -> list[nn.Parameter]:
         """Parameters of G2 only (what stage 2 trains while G1 is frozen)."""
-        return [p for part in (self.local_down, self.local_up, self.to_rgb) for p in part.parameters()]
+        parts = (self.local_down, self.local_up, self.to_rgb)
+        return [p for part in parts for p in part.parameters()]
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoded input map (N, C, H, W) -> image (N, 3, H, W) in [-1, 1]."""
@@ -267,11 +269,11 @@ class LocalEnhancer(nn.Module):
         return self.to_rgb(self.local_up(self.local_down(x) + g1))
 
 
-# --- discriminator (taught in notebook 05) -------------------------------------------------------------------------
+# --- discriminator (taught in notebook 05) -------------------------------------------------------
 
 
 class NLayerDiscriminator(nn.Module):
-    """70x70 PatchGAN: C64 (no norm), C128, C256, C512 (stride 1), a 1-channel map; k4, pad 2, LReLU 0.2."""
+    """70x70 PatchGAN: C64 (no norm), C128, C256, C512 (stride 1), a 1-channel map; LReLU 0.2."""
 
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3) -> None:
         super().__init__()
@@ -297,18 +299,19 @@ class NLayerDiscriminator(nn.Module):
 
 
 class MultiscaleDiscriminator(nn.Module):
-    """num_D independent PatchGANs on the (input map, image) pair at full, 1/2, 1/4 ... resolution."""
+    """num_D independent PatchGANs on the (input map, image) pair at full, 1/2, 1/4 ... size."""
 
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, num_D: int = 3) -> None:
         super().__init__()
         self.n_layers = n_layers
-        self.scales = nn.ModuleList(NLayerDiscriminator(input_nc, ndf, n_layers) for _ in range(num_D))
+        self.scales = nn.ModuleList(NLayerDiscriminator(input_nc, ndf, n_layers)
+                                    for _ in range(num_D))
 
     def forward(self, input_map: Tensor, image: Tensor) -> list[list[Tensor]]:
         """One list of block outputs per scale, full resolution first."""
         if input_map.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"input map is {tuple(input_map.shape[-2:])} but the image is "
-                             f"{tuple(image.shape[-2:])}; the discriminator needs them at the same size")
+                             f"{tuple(image.shape[-2:])}; the discriminator needs the same size")
         x = torch.cat([input_map, image], dim=1)
         results = []
         for i, scale in enumerate(self.scales):
@@ -322,7 +325,7 @@ class MultiscaleDiscriminator(nn.Module):
 
 
 def linear_decay_lr(epoch: int, base_lr: float, n_constant: int, n_decay: int) -> float:
-    """LR of 0-based `epoch`: base_lr for epochs 0..n_constant, then down by base_lr/n_decay each epoch, to 0."""
+    """LR of 0-based `epoch`: base_lr for epochs 0..n_constant, then down by base_lr/n_decay per epoch."""
     if n_decay <= 0:
         return base_lr
     return base_lr * max(0.0, 1.0 - max(0, epoch - n_constant) / n_decay)
@@ -334,12 +337,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-# --- training: the GPU fast path, the step, the resumable two-stage schedule (taught in notebook 05) -------------
+# --- training: GPU fast path, step, resumable two-stage schedule (taught in notebook 05) ----------
 
 
 @dataclass
 class FastPath:
-    """Speed options of the training step; all off is the plain eager fp32 step a student would write."""
+    """Speed options of the training step; all off: the plain eager fp32 step a student writes."""
 
     amp_dtype: torch.dtype | None = None  # autocast dtype (fp16 gets a GradScaler); None: fp32
     cudnn_benchmark: bool = False  # let cuDNN time its algorithms for each new shape
@@ -350,11 +353,11 @@ class FastPath:
 
     @classmethod
     def for_device(cls, device: torch.device, compile: bool = False) -> "FastPath":
-        """CUDA: autocast in bf16 (compute capability >= 8) or fp16 (7.x, e.g. a T4), cuDNN autotuning,
-        fused Adam, torch.compile when asked. Any other device: eager fp32. Channels-last stays off:
-        InstanceNorm converts NHWC tensors back to NCHW, so it cannot speed up the memory-bound layers,
-        and on the CPU (torch 2.11-2.14) InstanceNorm's input gradient is wrong at batch 1 when the
-        incoming gradient is NHWC (tests/test_pix2pixhd_training.py); the bench measures it on a GPU."""
+        """CUDA: autocast in bf16 (compute capability >= 8) or fp16 (7.x, e.g. a T4), cuDNN
+        autotuning, fused Adam, torch.compile when asked. Other devices: eager fp32. Channels-last
+        stays off: InstanceNorm turns NHWC tensors back into NCHW, so it cannot speed up the
+        memory-bound layers, and on the CPU (torch 2.11-2.14) InstanceNorm's input gradient is
+        wrong at batch 1 when the incoming gradient is NHWC (see the tests). The bench measures it."""
         if device.type != "cuda":
             return cls()
         major = torch.cuda.get_device_capability(device)[0]
@@ -363,14 +366,15 @@ class FastPath:
 
     def describe(self) -> str:
         """The options that are on, in words."""
-        parts = [f"autocast {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "fp32",
-                 "cuDNN autotuning" * self.cudnn_benchmark, "fused Adam" * self.fused_adam,
-                 f"torch.compile ({self.compile_backend})" * self.compile, "channels-last" * self.channels_last]
+        amp = f"autocast {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "fp32"
+        parts = [amp, "cuDNN autotuning" * self.cudnn_benchmark, "fused Adam" * self.fused_adam,
+                 f"torch.compile ({self.compile_backend})" * self.compile,
+                 "channels-last" * self.channels_last]
         options = ", ".join(p for p in parts if p)
         return options if options != "fp32" else "eager fp32 (no fast-path option on)"
 
     def prepare(self, module: nn.Module) -> nn.Module:
-        """Apply the options to a model in place (channels-last weights, torch.compile) and to cuDNN."""
+        """Apply the options to a model in place (channels-last, torch.compile) and to cuDNN."""
         torch.backends.cudnn.benchmark = self.cudnn_benchmark
         if self.channels_last:
             module.to(memory_format=torch.channels_last)
@@ -387,16 +391,16 @@ class FastPath:
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=self.fused_adam or None)
 
     def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
-        """The loss scaler: on for fp16 (small gradients would underflow), a no-op for bf16 and fp32."""
+        """The loss scaler: on for fp16 (small gradients would underflow), off for bf16 and fp32."""
         return torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
 
 @dataclass
 class TrainingSetup:
-    """What every stage of a variant uses: data, frozen VGG, loss weights, Adam settings, the fast path."""
+    """What every stage of a variant uses: data, frozen VGG, loss weights, Adam, the fast path."""
 
     loader: DataLoader  # batches of {"label", "image"(, "instance")}
-    encode: Callable[[dict, int], tuple[Tensor, Tensor]]  # (batch, size) -> (input map, photo) on the device
+    encode: Callable[[dict, int], tuple[Tensor, Tensor]]  # (batch, size) -> (map, photo) on device
     preview: dict  # a batch whose outputs are kept as snapshots while training
     vgg: nn.Module | None = None  # None (or lambda_vgg 0): no VGG term
     lambda_feat: float = 10.0
@@ -409,7 +413,7 @@ class TrainingSetup:
 
 @dataclass
 class Progress:
-    """The run's own part of a checkpoint: epochs finished in the current stage, and the snapshots so far."""
+    """The run's own part of a checkpoint: epochs done in the current stage, snapshots so far."""
 
     epoch: int = 0
     snapshots: dict[int, Tensor] = field(default_factory=dict)
@@ -425,7 +429,7 @@ class Progress:
 
 @dataclass
 class Trained:
-    """A variant after `train_variant`: its models, its records, and whether every stage finished."""
+    """A variant after `train_variant`: its models, records, and whether every stage finished."""
 
     G: nn.Module
     D: nn.Module
@@ -439,11 +443,10 @@ def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_g: torch.o
                opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: Tensor, real: Tensor,
                lambda_feat: float = 10.0, lambda_vgg: float = 10.0,
                amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """One iteration as in the official code: one forward pass of G; D on the real pair, the fake pair
-    (for G's losses) and the detached fake pair (for D's); an Adam step of G, then one of D.
-    amp_dtype: autocast dtype, None for fp32; the scaler scales fp16 losses and is a no-op otherwise."""
-    autocast = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with autocast:
+    """One iteration as in the official code: one forward pass of G; D on the real pair, the fake
+    pair (for G's losses) and the detached fake pair (for D's); an Adam step of G, then one of D.
+    amp_dtype: autocast dtype, None for fp32; the scaler scales fp16 losses (a no-op otherwise)."""
+    with torch.autocast(x.device.type, amp_dtype) if amp_dtype else contextlib.nullcontext():
         fake = G(x)
         d_real = D(x, real)
         d_fake = D(x, fake)  # not detached: L_GAN and L_FM reach G through D
@@ -452,7 +455,8 @@ def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_g: torch.o
         vgg_fake = vgg(fake) if use_vgg else None
         with torch.no_grad():
             vgg_real = vgg(real) if use_vgg else None
-        g_terms = pix2pixhd_generator_loss(d_fake, d_real, vgg_fake, vgg_real, lambda_feat, lambda_vgg)
+        g_terms = pix2pixhd_generator_loss(d_fake, d_real, vgg_fake, vgg_real, lambda_feat,
+                                           lambda_vgg)
         loss_d = lsgan_discriminator_loss([s[-1] for s in d_real], [s[-1] for s in d_fake_detached])
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(g_terms["total"]).backward()
@@ -471,11 +475,11 @@ def snapshot(G: nn.Module, setup: TrainingSetup, size: int) -> Tensor:
     return G(setup.fast.tensor(setup.encode(setup.preview, size)[0])).float().cpu()
 
 
-def train_epoch(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, setup: TrainingSetup, size: int, record: dict,
-                lr: float) -> None:
-    """One pass over the data at `size` px. The losses stay on the device until the epoch ends, so that
-    logging never makes the CPU wait for the GPU in the middle of an epoch."""
+def train_epoch(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
+                opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, setup: TrainingSetup,
+                size: int, record: dict, lr: float) -> None:
+    """One pass over the data at `size` px. The losses stay on the device until the epoch ends, so
+    that logging never makes the CPU wait for the GPU in the middle of an epoch."""
     G.train()
     D.train()
     watch, steps = record["stopwatch"], []
@@ -504,8 +508,9 @@ class Stage:
 
 def two_stage_plan(size: int, global_epochs: tuple[int, int], local_epochs: tuple[int, int],
                    fix_global: int) -> list[Stage]:
-    """The paper's schedule: G1 alone at half size, then G1 + G2 at full size with G1 frozen at first."""
-    return [Stage("global", size // 2, global_epochs), Stage("local", size, local_epochs, fix_global)]
+    """The paper's schedule: G1 alone at half size, then G1 + G2 at full size, G1 first frozen."""
+    return [Stage("global", size // 2, global_epochs),
+            Stage("local", size, local_epochs, fix_global)]
 
 
 def train_stage(stage: Stage, G: nn.Module, D: nn.Module, setup: TrainingSetup, record: dict,
@@ -524,7 +529,7 @@ def train_stage(stage: Stage, G: nn.Module, D: nn.Module, setup: TrainingSetup, 
     while progress.epoch < n_epochs:
         if stop_after is not None and progress.epoch >= stop_after:
             return False
-        if stage.fix_global:  # G1 frozen at first; then, as the official code, a new Adam over all of G
+        if stage.fix_global:  # G1 frozen at first; then, as officially, a new Adam over all of G
             G.freeze_global(progress.epoch < stage.fix_global)
             if progress.epoch == stage.fix_global:
                 opt_g = state["opt_g"] = setup.fast.adam(G.parameters(), setup.lr, setup.betas)
@@ -544,9 +549,9 @@ def train_stage(stage: Stage, G: nn.Module, D: nn.Module, setup: TrainingSetup, 
 def train_variant(name: str, plan: Sequence[Stage], build_generator: Callable[[str], nn.Module],
                   D: nn.Module, setup: TrainingSetup, folder: Path, config: dict,
                   stop_after: int | None = None) -> Trained:
-    """Train, resume or just load every stage of a variant (checkpoints folder/<name>_<stage>.pt).
-    Stage 2's G starts from stage 1's trained G1; D carries over. stop_after: stop after that many
-    epochs of the whole run (a simulated disconnect; calling again resumes)."""
+    """Train, resume or just load every stage of a variant: checkpoints in folder/checkpoints,
+    losses in folder/tensorboard/<name>. Stage 2's G starts from stage 1's trained G1; D carries
+    over. stop_after: stop after that many epochs of the run (a disconnect; a new call resumes)."""
     record = {"history": History(folder / "tensorboard" / name), "stopwatch": Stopwatch(),
               "progress": Progress()}
     setup.fast.prepare(D)
@@ -555,9 +560,10 @@ def train_variant(name: str, plan: Sequence[Stage], build_generator: Callable[[s
         trained_g1, G = G, setup.fast.prepare(build_generator(stage.name))
         if trained_g1 is not None:
             G.load_global(trained_g1)
-        stage_config = {**config, "stage": stage.name, "size": stage.size, "epochs": list(stage.epochs),
-                        "fix_global": stage.fix_global, "fp16": setup.fast.amp_dtype == torch.float16}
-        path = folder / f"{name}_{stage.name}.pt"
+        stage_config = {**config, "stage": stage.name, "size": stage.size,
+                        "epochs": list(stage.epochs), "fix_global": stage.fix_global,
+                        "fp16": setup.fast.amp_dtype == torch.float16}
+        path = folder / "checkpoints" / f"{name}_{stage.name}.pt"
         left = None if stop_after is None else stop_after - done
         if not train_stage(stage, G, D, setup, record, path, stage_config, left):
             return Trained(G, D, False, **record)
@@ -565,10 +571,10 @@ def train_variant(name: str, plan: Sequence[Stage], build_generator: Callable[[s
     return Trained(G, D, True, **record)
 
 
-def training_step_flops(G: nn.Module, D: nn.Module, vgg: nn.Module | None, input_nc: int, height: int,
-                        width: int, batch: int) -> int:
-    """FLOPs of one `train_step` (convolutions and matrix products, forward and backward), counted on
-    shapes only: build G, D and vgg under `torch.device("meta")`; nothing is allocated or computed."""
+def training_step_flops(G: nn.Module, D: nn.Module, vgg: nn.Module | None, input_nc: int,
+                        height: int, width: int, batch: int) -> int:
+    """FLOPs of one `train_step` (convolutions and matrix products, forward and backward), counted
+    on shapes only: build G, D and vgg under `torch.device("meta")`; nothing is computed."""
     with torch.device("meta"):
         x, real = torch.empty(batch, input_nc, height, width), torch.empty(batch, 3, height, width)
         opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())

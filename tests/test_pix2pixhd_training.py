@@ -78,7 +78,7 @@ def test_adam_is_rebuilt_over_all_of_G_after_the_frozen_epochs(straight, tmp_pat
     """Adam's step count in the last checkpoint: the local enhancer's own weights (G2) and G1's were both
     updated only by the Adam built after the 2 frozen epochs, i.e. for the last 2 epochs."""
     folder = next(tmp_path_factory.getbasetemp().glob("straight*"))
-    opt_g = torch.load(folder / "v_local.pt", weights_only=False)["state"]["opt_g"]
+    opt_g = torch.load(folder / "checkpoints" / "v_local.pt", weights_only=False)["state"]["opt_g"]
     steps = {int(s["step"]) for s in opt_g["state"].values()}
     assert steps == {2 * N_TRAIN} and len(opt_g["state"]) == len(list(straight.G.parameters()))
 
@@ -90,7 +90,7 @@ def test_stage_2_starts_from_the_trained_G1_and_keeps_it_frozen(tmp_path, vgg, o
     plan = two_stage_plan(32, global_epochs=(1, 0), local_epochs=(1, 0), fix_global=1)
     trained = train_variant("f", plan, build_generator, D, make_setup(vgg), tmp_path, CONFIG)
     g1 = build_generator("global")
-    p2p.load_checkpoint(tmp_path / "f_global.pt", {"G": g1}, restore_rng=False)
+    p2p.load_checkpoint(tmp_path / "checkpoints" / "f_global.pt", {"G": g1}, restore_rng=False)
     assert same_weights(trained.G.global_features, g1.features)
     assert not same_weights(trained.G.local_down, build_generator("local").local_down)
 
