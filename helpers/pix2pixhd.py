@@ -439,10 +439,11 @@ class Trained:
     progress: Progress
 
 
-def train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None, opt_g: torch.optim.Optimizer,
-               opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: Tensor, real: Tensor,
-               lambda_feat: float = 10.0, lambda_vgg: float = 10.0,
-               amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def pix2pixhd_train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None,
+                         opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                         scaler: torch.amp.GradScaler, x: Tensor, real: Tensor,
+                         lambda_feat: float = 10.0, lambda_vgg: float = 10.0,
+                         amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """One iteration as in the official code: one forward pass of G; D on the real pair, the fake
     pair (for G's losses) and the detached fake pair (for D's); an Adam step of G, then one of D.
     amp_dtype: autocast dtype, None for fp32; the scaler scales fp16 losses (a no-op otherwise)."""
@@ -486,8 +487,8 @@ def train_epoch(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
     with watch:
         for batch in tqdm(setup.loader, desc=f"{size} px, lr {lr:.1e}", leave=False):
             x, real = (setup.fast.tensor(t) for t in setup.encode(batch, size))
-            losses = train_step(G, D, setup.vgg, opt_g, opt_d, scaler, x, real, setup.lambda_feat,
-                                setup.lambda_vgg, setup.fast.amp_dtype)
+            losses = pix2pixhd_train_step(G, D, setup.vgg, opt_g, opt_d, scaler, x, real,
+                                          setup.lambda_feat, setup.lambda_vgg, setup.fast.amp_dtype)
             watch.count(1, len(real))
             steps.append((watch.iterations, losses))
         synchronize(next(G.parameters()).device)
@@ -573,14 +574,14 @@ def train_variant(name: str, plan: Sequence[Stage], build_generator: Callable[[s
 
 def training_step_flops(G: nn.Module, D: nn.Module, vgg: nn.Module | None, input_nc: int,
                         height: int, width: int, batch: int) -> int:
-    """FLOPs of one `train_step` (convolutions and matrix products, forward and backward), counted
-    on shapes only: build G, D and vgg under `torch.device("meta")`; nothing is computed."""
+    """FLOPs of one `pix2pixhd_train_step` (convolutions and matrix products, forward and
+    backward), counted on shapes only: build G, D and vgg under `torch.device("meta")`."""
     with torch.device("meta"):
         x, real = torch.empty(batch, input_nc, height, width), torch.empty(batch, 3, height, width)
         opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         with FlopCounterMode(display=False) as counter:
-            train_step(G, D, vgg, opt_g, opt_d, scaler, x, real)
+            pix2pixhd_train_step(G, D, vgg, opt_g, opt_d, scaler, x, real)
     return counter.get_total_flops()
 
 

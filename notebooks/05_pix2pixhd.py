@@ -397,7 +397,7 @@ print({k: round(v.item(), 4) for k, v in same.items()})
 # detached fake pair (for $\mathcal{L}_D$); one Adam step of $G$, then one of $D$. On a GPU the step runs under
 # `torch.autocast` (bf16 where the GPU has it, fp16 with a loss scaler on a T4); on a CPU in plain fp32.
 
-# %% [helpers] pix2pixhd: train_step
+# %% [helpers] pix2pixhd: pix2pixhd_train_step
 
 # %% [markdown]
 # ### An epoch, the two stages, a variant
@@ -615,14 +615,14 @@ fig = show_rows({"input": input_picture(preview),
 
 # %%
 def step_to_time(fast: FastPath) -> Callable[[], object]:
-    """One train_step of fresh main-configuration models at full size with the options `fast`."""
+    """One training step of fresh main-configuration models at full size with the options `fast`."""
     seed_everything(SEED)
     G, D = fast.prepare(build_generator("local")), fast.prepare(build_discriminator())
     opt_g, opt_d = fast.adam(G.parameters(), LR, BETAS), fast.adam(D.parameters(), LR, BETAS)
     scaler = fast.grad_scaler(DEVICE)
     x, real = (fast.tensor(t) for t in encode(next(iter(train_loader)), IMAGE_SIZE))
-    return lambda: train_step(G, D, vgg, opt_g, opt_d, scaler, x, real, LAMBDA_FEAT, LAMBDA_VGG,
-                              fast.amp_dtype)
+    return lambda: pix2pixhd_train_step(G, D, vgg, opt_g, opt_d, scaler, x, real, LAMBDA_FEAT,
+                                        LAMBDA_VGG, fast.amp_dtype)
 
 
 paths = {"eager fp32": FastPath()}

@@ -13,7 +13,7 @@ import helpers.pix2pixhd as p2p
 from helpers.environment import seed_everything
 from helpers.pix2pixhd import (
     FastPath, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, ProceduralLabelImages, TrainingSetup,
-    encode_batch, train_step, train_variant, training_step_flops, two_stage_plan,
+    encode_batch, pix2pixhd_train_step, train_variant, training_step_flops, two_stage_plan,
 )
 from helpers.losses import PIX2PIXHD_VGG_LAYERS
 from helpers.vgg import VGG19Features
@@ -122,7 +122,7 @@ def test_the_resume_check_fails_when_resume_loses_the_random_state(tmp_path, vgg
 
 
 def first_step(vgg, fast: FastPath) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """One train_step of fresh seeded models with the options `fast`: its losses, and the gradients it left
+    """One training step of fresh seeded models with the options `fast`: its losses, and the gradients it left
     (G's from L_G, D's from L_D)."""
     seed_everything(1)
     G = fast.prepare(build_generator("local"))
@@ -130,8 +130,8 @@ def first_step(vgg, fast: FastPath) -> tuple[dict[str, float], dict[str, torch.T
     setup = make_setup(vgg, fast, n_train=2)  # the preview batch holds 2 pairs
     opt_g, opt_d = fast.adam(G.parameters(), 2e-4, (0.5, 0.999)), fast.adam(D.parameters(), 2e-4, (0.5, 0.999))
     x, real = (fast.tensor(t) for t in setup.encode(setup.preview, 32))
-    out = train_step(G, D, vgg, opt_g, opt_d, fast.grad_scaler(torch.device("cpu")), x, real,
-                     amp_dtype=fast.amp_dtype)
+    out = pix2pixhd_train_step(G, D, vgg, opt_g, opt_d, fast.grad_scaler(torch.device("cpu")), x, real,
+                               amp_dtype=fast.amp_dtype)
     grads = {f"G.{n}": p.grad for n, p in G.named_parameters()} | {f"D.{n}": p.grad for n, p in D.named_parameters()}
     return {k: v.item() for k, v in out.items()}, grads
 
