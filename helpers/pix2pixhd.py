@@ -57,7 +57,8 @@ def check_label_map(labels: Tensor, label_nc: int, what: str = "label map") -> T
     if labels.dim() == 4 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.dim() != 3:
-        raise ValueError(f"{what} must have shape (N, H, W) or (N, 1, H, W) of class indices, got {tuple(labels.shape)}")
+        raise ValueError(f"{what} must have shape (N, H, W) or (N, 1, H, W) of class indices, "
+                         f"got {tuple(labels.shape)}")
     if labels.is_floating_point() and not torch.equal(labels, labels.round()):
         raise ValueError(f"{what} holds non-integer values; pass class indices, not an image or a one-hot map")
     labels = labels.long()

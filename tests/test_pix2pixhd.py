@@ -220,7 +220,8 @@ def test_ssim_properties_and_errors():
     real = torch.zeros(1, 3, 8, 8)
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(real, real)
-    with pytest.raises(ValueError, match=r"SSIM takes images in \[0, 1\], got values in \[-1.00, -1.00\].*\(x \+ 1\) / 2"):
+    message = r"SSIM takes images in \[0, 1\], got values in \[-1.00, -1.00\].*\(x \+ 1\) / 2"
+    with pytest.raises(ValueError, match=message):
         ssim(torch.full((1, 3, 16, 16), -1.0), torch.zeros(1, 3, 16, 16))
     with pytest.raises(ValueError, match=r"PSNR takes images in \[0, 1\]"):
         psnr(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 2.0))
