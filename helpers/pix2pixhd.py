@@ -14,7 +14,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -387,7 +387,8 @@ class FastPath:
         """A batch in the memory format the prepared models expect."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def adam(self, params, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    def adam(self, params: Iterable[nn.Parameter], lr: float,
+             betas: tuple[float, float]) -> torch.optim.Adam:
         """Adam with the paper's settings, fused into one kernel when `fused_adam`."""
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=self.fused_adam or None)
 
