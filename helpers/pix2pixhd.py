@@ -580,7 +580,9 @@ def training_step_flops(G: nn.Module, D: nn.Module, vgg: nn.Module | None, input
     backward), counted on shapes only: build G, D and vgg under `torch.device("meta")`."""
     with torch.device("meta"):
         x, real = torch.empty(batch, input_nc, height, width), torch.empty(batch, 3, height, width)
-        opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
+        # SGD: the counter sees no optimizer FLOPs anyway, and Adam reads its step count with .item()
+        # on torch 2.11, which meta tensors cannot do
+        opt_g, opt_d = torch.optim.SGD(G.parameters(), 0.0), torch.optim.SGD(D.parameters(), 0.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         with FlopCounterMode(display=False) as counter:
             pix2pixhd_train_step(G, D, vgg, opt_g, opt_d, scaler, x, real)
