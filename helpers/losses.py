@@ -28,17 +28,19 @@ def bce_generator_loss(d_fake: Tensor) -> Tensor:
     return F.binary_cross_entropy(d_fake, torch.ones_like(d_fake))
 
 
-# --- GAN losses: least squares (LSGAN, Mao et al. 2017; pix2pixHD) -----------------------------
+# --- GAN losses: least squares (LSGAN, Mao et al. 2017; pix2pixHD: taught in notebook 05) --------
 
 
 def _as_list(predictions: Tensor | Sequence[Tensor]) -> list[Tensor]:
     return [predictions] if torch.is_tensor(predictions) else list(predictions)
 
 
-def lsgan_discriminator_loss(pred_real: Tensor | Sequence[Tensor], pred_fake: Tensor | Sequence[Tensor]) -> Tensor:
+def lsgan_discriminator_loss(pred_real: Tensor | Sequence[Tensor],
+                             pred_fake: Tensor | Sequence[Tensor]) -> Tensor:
     """L_D = 0.5 * sum_scales mean((D(x) - 1)^2) + 0.5 * sum_scales mean(D(G(z))^2).
 
-    Accepts one prediction map or a list of them (one per discriminator scale), summed over scales as in pix2pixHD.
+    Accepts one prediction map or a list of them (one per discriminator scale), summed over
+    scales as in pix2pixHD.
     """
     real = sum(F.mse_loss(p, torch.ones_like(p)) for p in _as_list(pred_real))
     fake = sum(F.mse_loss(p, torch.zeros_like(p)) for p in _as_list(pred_fake))
@@ -46,7 +48,7 @@ def lsgan_discriminator_loss(pred_real: Tensor | Sequence[Tensor], pred_fake: Te
 
 
 def lsgan_generator_loss(pred_fake: Tensor | Sequence[Tensor]) -> Tensor:
-    """L_G = sum_scales mean((D(G(z)) - 1)^2), as the official pix2pixHD code (no 1/2 factor: see the notebook)."""
+    """L_G = sum_scales mean((D(G(z)) - 1)^2), as in the official pix2pixHD code (no 1/2)."""
     return sum(F.mse_loss(p, torch.ones_like(p)) for p in _as_list(pred_fake))
 
 
@@ -177,12 +179,14 @@ PIX2PIXHD_VGG_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 PIX2PIXHD_VGG_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)
 
 
-def feature_matching_loss(features_fake: Sequence[Sequence[Tensor]], features_real: Sequence[Sequence[Tensor]],
+def feature_matching_loss(features_fake: Sequence[Sequence[Tensor]],
+                          features_real: Sequence[Sequence[Tensor]],
                           lambda_feat: float = 10.0) -> Tensor:
-    """L_FM = lambda_feat * sum_i sum_j (1/num_D) * (4/(n_layers+1)) * mean|D_i^j(fake) - D_i^j(real)|.
+    """L_FM = lambda_feat * sum_i sum_j (1/num_D) (4/(n_layers+1)) mean|D_i^j(fake) - D_i^j(real)|.
 
-    features_*: one list per discriminator scale i of its block outputs; the last entry (the prediction) is left out,
-    the other n_layers + 1 are the layers j. Real features are detached: the loss trains G only.
+    features_*: one list per discriminator scale i of its block outputs; the last one (the
+    prediction) is left out, the other n_layers + 1 are the layers j. Real features are detached:
+    the loss trains G only.
     """
     if len(features_fake) != len(features_real) or not features_fake:
         raise ValueError(f"feature matching needs the same number of scales for fake and real, got "
@@ -191,9 +195,9 @@ def feature_matching_loss(features_fake: Sequence[Sequence[Tensor]], features_re
     loss = features_fake[0][0].new_zeros(())
     for fake_scale, real_scale in zip(features_fake, features_real):
         if len(fake_scale) != len(real_scale) or len(fake_scale) < 2:
-            raise ValueError("each scale needs the same number (>= 2) of block outputs for fake and real, got "
-                             f"{len(fake_scale)} and {len(real_scale)}")
-        layer_weight = 4.0 / (len(fake_scale) - 1)  # len = n_layers + 2, so this is 4 / (n_layers + 1)
+            raise ValueError("each scale needs the same number (>= 2) of block outputs for fake "
+                             f"and real, got {len(fake_scale)} and {len(real_scale)}")
+        layer_weight = 4.0 / (len(fake_scale) - 1)  # len = n_layers + 2: 4 / (n_layers + 1)
         for fake, real in zip(fake_scale[:-1], real_scale[:-1]):
             loss = loss + layer_weight / num_d * F.l1_loss(fake, real.detach())
     return lambda_feat * loss
@@ -201,10 +205,10 @@ def feature_matching_loss(features_fake: Sequence[Sequence[Tensor]], features_re
 
 def vgg_loss(features_fake: Sequence[Tensor], features_real: Sequence[Tensor],
              weights: Sequence[float] = PIX2PIXHD_VGG_WEIGHTS, lambda_vgg: float = 10.0) -> Tensor:
-    """L_VGG = lambda_vgg * sum_k w_k * mean|VGG_k(fake) - VGG_k(real)|, w = 1/32, 1/16, 1/8, 1/4, 1 (relu1_1..5_1)."""
+    """L_VGG = lambda_vgg * sum_k w_k mean|VGG_k(fake) - VGG_k(real)|, w = 1/32, ..., 1/4, 1."""
     if not len(features_fake) == len(features_real) == len(weights):
-        raise ValueError(f"VGG loss needs one weight per layer: got {len(features_fake)} fake, {len(features_real)} "
-                         f"real feature maps and {len(weights)} weights")
+        raise ValueError(f"VGG loss needs one weight per layer: got {len(features_fake)} fake, "
+                         f"{len(features_real)} real feature maps and {len(weights)} weights")
     loss = features_fake[0].new_zeros(())
     for weight, fake, real in zip(weights, features_fake, features_real):
         loss = loss + weight * F.l1_loss(fake, real.detach())
@@ -212,13 +216,13 @@ def vgg_loss(features_fake: Sequence[Tensor], features_real: Sequence[Tensor],
 
 
 def pix2pixhd_generator_loss(d_fake: Sequence[Sequence[Tensor]], d_real: Sequence[Sequence[Tensor]],
-                             vgg_fake: Sequence[Tensor] | None = None, vgg_real: Sequence[Tensor] | None = None,
-                             lambda_feat: float = 10.0, lambda_vgg: float = 10.0) -> dict[str, Tensor]:
-    """L_G = L_GAN + lambda_feat * L_FM + lambda_vgg * L_VGG, each term returned too (lambda 0 or no VGG: term off).
-
-    L_GAN is the LSGAN generator loss on each scale's prediction, summed over scales, without the seed's 1/2 factor
-    (as the official code). d_fake must come from D(G(x)) without detaching, d_real from D(real).
-    """
+                             vgg_fake: Sequence[Tensor] | None = None,
+                             vgg_real: Sequence[Tensor] | None = None, lambda_feat: float = 10.0,
+                             lambda_vgg: float = 10.0) -> dict[str, Tensor]:
+    """L_G = L_GAN + lambda_feat * L_FM + lambda_vgg * L_VGG, each term returned too (lambda 0 or
+    no VGG features: that term is 0). L_GAN is the LSGAN generator loss on each scale's prediction,
+    summed over scales, without the seed's 1/2 (as the official code). d_fake must come from
+    D(G(x)) without detaching, d_real from D(real)."""
     gan = lsgan_generator_loss([scale[-1] for scale in d_fake])
     zero = gan.new_zeros(())
     fm = feature_matching_loss(d_fake, d_real, lambda_feat) if lambda_feat else zero

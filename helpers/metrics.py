@@ -157,13 +157,23 @@ def inception_fid(fake_uint8: np.ndarray, real_uint8: np.ndarray, device: torch.
     return float(fid.compute()), "Inception FID (torchmetrics, 2048-d)"
 
 
-# --- paired-image metrics (notebook 05) ---------------------------------------------------------------------
+# --- paired-image metrics (notebook 05): on images in [0, data_range], like torchmetrics and the SSIM paper --------
 
 
-def psnr(fake: Tensor, real: Tensor, data_range: float = 2.0) -> Tensor:
-    """Per-image PSNR in dB, 10 log10(range^2 / MSE), for images in [-1, 1] (range 2)."""
+def check_unit_range(images: Tensor, what: str, data_range: float = 1.0) -> None:
+    """Raise a ValueError unless `images` lie in [0, data_range] (SSIM's luminance term is not shift-invariant)."""
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > data_range:
+        raise ValueError(f"{what} takes images in [0, {data_range:g}], got values in [{low:.2f}, {high:.2f}]; "
+                         "map images in [-1, 1] with (x + 1) / 2 first")
+
+
+def psnr(fake: Tensor, real: Tensor, data_range: float = 1.0) -> Tensor:
+    """Per-image PSNR in dB, 10 log10(data_range^2 / MSE), for images in [0, data_range]."""
     if fake.shape != real.shape:
         raise ValueError(f"PSNR needs images of the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
+    check_unit_range(fake, "PSNR", data_range)
+    check_unit_range(real, "PSNR", data_range)
     mse = (fake.float() - real.float()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-10))
 
@@ -176,13 +186,16 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
     return g[:, None] * g[None, :]
 
 
-def ssim(fake: Tensor, real: Tensor, data_range: float = 2.0, window: int = 11) -> Tensor:
-    """Per-image SSIM (Wang et al. 2004): the local SSIM map (Gaussian window 11, sigma 1.5) averaged over the valid
-    region, as the authors' reference code (torchmetrics instead pads by reflection and averages the whole map)."""
+def ssim(fake: Tensor, real: Tensor, data_range: float = 1.0, window: int = 11) -> Tensor:
+    """Per-image SSIM (Wang et al. 2004) of images in [0, data_range]: the local SSIM map (Gaussian window 11,
+    sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2) averaged over the valid region, as the authors' reference code
+    (torchmetrics instead pads by reflection and averages the whole map)."""
     if fake.shape != real.shape:
         raise ValueError(f"SSIM needs images of the same shape, got {tuple(fake.shape)} and {tuple(real.shape)}")
     if min(fake.shape[-2:]) < window:
         raise ValueError(f"SSIM needs images of at least {window}x{window} pixels, got {tuple(fake.shape[-2:])}")
+    check_unit_range(fake, "SSIM", data_range)
+    check_unit_range(real, "SSIM", data_range)
     channels = fake.shape[1]
     kernel = gaussian_window(window).to(fake.device).expand(channels, 1, window, window)
     x, y = fake.float(), real.float()

@@ -1,23 +1,32 @@
-"""Pix2PixHD (Wang et al. 2018): generators, multi-scale PatchGAN, input encoding, data, LR schedule and metrics.
+"""Pix2PixHD (Wang et al. 2018): input encoding, generators, multi-scale PatchGAN, the training step with its GPU
+fast path, the resumable two-stage schedule, and the data (CMP Facades, procedural toy streets).
 
 Layer lists follow the paper and NVIDIA/pix2pixHD `models/networks.py` (written afresh here, not copied), so the
-parameter counts at the default widths match the official ones. Notebook 05 shows these classes with show_source.
+parameter counts at the default widths match the official ones. Notebook 05 holds the models, the step and the
+schedule as editable cells (the build copies them from here; a test keeps them equal): their lines stay <= 100.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import urllib.request
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from .losses import lsgan_discriminator_loss, pix2pixhd_generator_loss
+from .training import History, Stopwatch, load_checkpoint, save_checkpoint, synchronize
 
 CMP_FACADES_URL = "https://cmp.felk.cvut.cz/~tylecr1/facade/CMP_facade_DB_base.zip"
 CMP_FACADES_CLASSES = ["(unused)", "background", "facade", "window", "door", "cornice", "sill", "balcony",
@@ -31,10 +40,11 @@ PROCEDURAL_CLASSES = ["sky", "ground", "building", "window", "tree", "sun"]
 def check_image_size(height: int, width: int, multiple: int = 32, what: str = "image", minimum: int = 0) -> None:
     """Raise a ValueError unless height and width are multiples of `multiple` and at least `minimum`."""
     if min(height, width) < minimum:
-        raise ValueError(f"{what} size {height}x{width} is below the minimum {minimum}x{minimum}: the residual blocks' "
-                         "reflection padding needs at least 2x2 pixels at the bottleneck; use larger images")
+        raise ValueError(f"{what} size {height}x{width} is below the minimum {minimum}x{minimum}: the residual "
+                         "blocks' reflection padding needs at least 2x2 pixels at the bottleneck; use larger images")
     if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        fix_h, fix_w = max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple)
+        fix_h = max(multiple, round(height / multiple) * multiple)
+        fix_w = max(multiple, round(width / multiple) * multiple)
         raise ValueError(
             f"{what} size {height}x{width} is not divisible by {multiple}: the generator halves it "
             f"{int(math.log2(multiple))} times and must come back to the same size; resize or crop to e.g. "
@@ -47,7 +57,8 @@ def check_label_map(labels: Tensor, label_nc: int, what: str = "label map") -> T
     if labels.dim() == 4 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.dim() != 3:
-        raise ValueError(f"{what} must have shape (N, H, W) or (N, 1, H, W) of class indices, got {tuple(labels.shape)}")
+        raise ValueError(f"{what} must have shape (N, H, W) or (N, 1, H, W) of class indices, "
+                         f"got {tuple(labels.shape)}")
     if labels.is_floating_point() and not torch.equal(labels, labels.round()):
         raise ValueError(f"{what} holds non-integer values; pass class indices, not an image or a one-hot map")
     labels = labels.long()
@@ -115,6 +126,24 @@ def encode_input(labels: Tensor, label_nc: int, instances: Tensor | None = None)
     return torch.cat([one_hot, instance_edges(instances).to(one_hot)], dim=1)
 
 
+def encode_batch(batch: dict, size: int, label_nc: int, use_instance: bool,
+                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """A data batch resized to `size` (maps: nearest, photos: area) and encoded: (G's input map, photo) on
+    `device`. label_nc 0: the label map is drawn as an RGB sketch, which G gets as it is."""
+    label, image, instance = batch["label"][:, None].float(), batch["image"], batch.get("instance")
+    if label.shape[-1] != size:
+        label = F.interpolate(label, size=(size, size), mode="nearest")
+        image = F.interpolate(image, size=(size, size), mode="area")
+        if instance is not None:
+            instance = F.interpolate(instance[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+    label = label[:, 0].long()
+    if label_nc == 0:
+        x = encode_input(label_sketch(label, instance), 0)
+    else:
+        x = encode_input(label, label_nc, instance if use_instance else None)
+    return x.to(device), image.to(device)
+
+
 def colorize_labels(labels: Tensor, label_nc: int) -> Tensor:
     """(N, H, W) class indices -> (N, 3, H, W) colours in [-1, 1] for figures (matplotlib's tab20 palette)."""
     import matplotlib
@@ -129,17 +158,18 @@ def input_channels(label_nc: int, use_instance: bool) -> int:
     return (label_nc if label_nc > 0 else 3) + int(use_instance)
 
 
-# --- generator ------------------------------------------------------------------------------------------------------
+# --- generator (taught in notebook 05: lines <= 100) ---------------------------------------------
 
 
 def init_weights(module: nn.Module) -> None:
-    """Official initialisation: conv weights drawn from N(0, 0.02); biases keep PyTorch's default."""
+    """Official initialisation: conv weights from N(0, 0.02); biases keep PyTorch's default."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
 
 
-def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int = 1, reflect: int = 0) -> list[nn.Module]:
-    """[ReflectionPad] + Conv + InstanceNorm + ReLU (zero padding 1 for the stride-2 3x3 downsamplings)."""
+def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int = 1,
+               reflect: int = 0) -> list[nn.Module]:
+    """[ReflectionPad] + Conv + InstanceNorm + ReLU (zero padding 1 for the stride-2 3x3 convs)."""
     pad = [nn.ReflectionPad2d(reflect)] if reflect else []
     conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=0 if reflect else 1)
     return [*pad, conv, nn.InstanceNorm2d(out_ch), nn.ReLU(True)]
@@ -156,13 +186,19 @@ def to_rgb(in_ch: int, output_nc: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(in_ch, output_nc, 7), nn.Tanh())
 
 
+def downsample(x: Tensor) -> Tensor:
+    """The official 2x downsampling: AvgPool2d(3, stride 2, padding 1, count_include_pad=False)."""
+    return F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+
+
 class ResnetBlock(nn.Module):
     """x + [pad, conv3x3, IN, ReLU, pad, conv3x3, IN](x), no activation after the add."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), nn.InstanceNorm2d(channels), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), nn.InstanceNorm2d(channels),
+            nn.ReLU(True),
             nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), nn.InstanceNorm2d(channels),
         )
 
@@ -172,7 +208,7 @@ class ResnetBlock(nn.Module):
 
 
 class GlobalGenerator(nn.Module):
-    """G1: c7s1-ngf, n_down x d(2k), n_blocks x R, n_down x u(k/2), c7s1-3 (paper: ngf 64, 4 down, 9 blocks)."""
+    """G1: c7s1-ngf, n_down x d(2k), n_blocks x R, n_down x u(k/2), c7s1-3 (paper: ngf 64, 4, 9)."""
 
     def __init__(self, input_nc: int, output_nc: int = 3, ngf: int = 64, n_downsampling: int = 4,
                  n_blocks: int = 9) -> None:
@@ -195,23 +231,20 @@ class GlobalGenerator(nn.Module):
         return self.to_rgb(self.features(x))
 
 
-def downsample(x: Tensor) -> Tensor:
-    """The official 2x downsampling: AvgPool2d(3, stride 2, padding 1, count_include_pad=False)."""
-    return F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
-
-
 class LocalEnhancer(nn.Module):
-    """G = {G1, G2}: G1 (width 2*ngf, no RGB head) runs on the half-size input; its features are added to G2's."""
+    """G = {G1, G2}: G1 (width 2*ngf, no RGB head) on the half-size input, added to G2's output."""
 
-    def __init__(self, input_nc: int, output_nc: int = 3, ngf: int = 32, n_downsample_global: int = 4,
-                 n_blocks_global: int = 9, n_blocks_local: int = 3) -> None:
+    def __init__(self, input_nc: int, output_nc: int = 3, ngf: int = 32,
+                 n_downsample_global: int = 4, n_blocks_global: int = 9,
+                 n_blocks_local: int = 3) -> None:
         super().__init__()
         self.multiple = 2 ** (n_downsample_global + 1)
         self.global_features = GlobalGenerator(input_nc, output_nc, 2 * ngf, n_downsample_global,
                                                n_blocks_global).features
         self.local_down = nn.Sequential(*conv_block(input_nc, ngf, 7, reflect=3),
                                         *conv_block(ngf, 2 * ngf, 3, stride=2))
-        self.local_up = nn.Sequential(*[ResnetBlock(2 * ngf) for _ in range(n_blocks_local)], *up_block(2 * ngf, ngf))
+        self.local_up = nn.Sequential(*[ResnetBlock(2 * ngf) for _ in range(n_blocks_local)],
+                                      *up_block(2 * ngf, ngf))
         self.to_rgb = to_rgb(ngf, output_nc)
         for part in (self.local_down, self.local_up, self.to_rgb):
             part.apply(init_weights)
@@ -226,23 +259,27 @@ class LocalEnhancer(nn.Module):
 
     def local_parameters(self) -> list[nn.Parameter]:
         """Parameters of G2 only (what stage 2 trains while G1 is frozen)."""
-        return [p for part in (self.local_down, self.local_up, self.to_rgb) for p in part.parameters()]
+        parts = (self.local_down, self.local_up, self.to_rgb)
+        return [p for part in parts for p in part.parameters()]
 
     def forward(self, x: Tensor) -> Tensor:
         """Encoded input map (N, C, H, W) -> image (N, 3, H, W) in [-1, 1]."""
-        check_image_size(x.shape[-2], x.shape[-1], self.multiple, "local enhancer input", minimum=2 * self.multiple)
-        return self.to_rgb(self.local_up(self.local_down(x) + self.global_features(downsample(x))))
+        check_image_size(x.shape[-2], x.shape[-1], self.multiple, "local enhancer input",
+                         minimum=2 * self.multiple)
+        g1 = self.global_features(downsample(x))
+        return self.to_rgb(self.local_up(self.local_down(x) + g1))
 
 
-# --- discriminator --------------------------------------------------------------------------------------------------
+# --- discriminator (taught in notebook 05) -------------------------------------------------------
 
 
 class NLayerDiscriminator(nn.Module):
-    """70x70 PatchGAN: C64 (no norm), C128, C256, C512 (stride 1), then a 1-channel map; k4, padding 2, LReLU 0.2."""
+    """70x70 PatchGAN: C64 (no norm), C128, C256, C512 (stride 1), a 1-channel map; LReLU 0.2."""
 
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3) -> None:
         super().__init__()
-        blocks = [nn.Sequential(nn.Conv2d(input_nc, ndf, 4, stride=2, padding=2), nn.LeakyReLU(0.2, True))]
+        blocks = [nn.Sequential(nn.Conv2d(input_nc, ndf, 4, stride=2, padding=2),
+                                nn.LeakyReLU(0.2, True))]
         channels = ndf
         for n in range(1, n_layers + 1):
             previous, channels = channels, min(channels * 2, 512)
@@ -254,7 +291,7 @@ class NLayerDiscriminator(nn.Module):
         self.apply(init_weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """Every block's output: n_layers + 1 intermediate features for feature matching, then the patch map."""
+        """Every block's output: n_layers + 1 features for feature matching, then the patch map."""
         outputs = []
         for block in self.blocks:
             x = block(x)
@@ -263,18 +300,19 @@ class NLayerDiscriminator(nn.Module):
 
 
 class MultiscaleDiscriminator(nn.Module):
-    """num_D independent PatchGANs on the (input map, image) pair at full, 1/2, 1/4 ... resolution."""
+    """num_D independent PatchGANs on the (input map, image) pair at full, 1/2, 1/4 ... size."""
 
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, num_D: int = 3) -> None:
         super().__init__()
         self.n_layers = n_layers
-        self.scales = nn.ModuleList(NLayerDiscriminator(input_nc, ndf, n_layers) for _ in range(num_D))
+        self.scales = nn.ModuleList(NLayerDiscriminator(input_nc, ndf, n_layers)
+                                    for _ in range(num_D))
 
     def forward(self, input_map: Tensor, image: Tensor) -> list[list[Tensor]]:
         """One list of block outputs per scale, full resolution first."""
         if input_map.shape[-2:] != image.shape[-2:]:
-            raise ValueError(f"input map is {tuple(input_map.shape[-2:])} but the image is {tuple(image.shape[-2:])}; "
-                             "the discriminator needs them at the same size")
+            raise ValueError(f"input map is {tuple(input_map.shape[-2:])} but the image is "
+                             f"{tuple(image.shape[-2:])}; the discriminator needs the same size")
         x = torch.cat([input_map, image], dim=1)
         results = []
         for i, scale in enumerate(self.scales):
@@ -288,7 +326,7 @@ class MultiscaleDiscriminator(nn.Module):
 
 
 def linear_decay_lr(epoch: int, base_lr: float, n_constant: int, n_decay: int) -> float:
-    """LR of 0-based `epoch`: base_lr for epochs 0..n_constant, then down by base_lr/n_decay each epoch, to 0."""
+    """LR of 0-based `epoch`: base_lr for epochs 0..n_constant, then down by base_lr/n_decay per epoch."""
     if n_decay <= 0:
         return base_lr
     return base_lr * max(0.0, 1.0 - max(0, epoch - n_constant) / n_decay)
@@ -298,6 +336,257 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# --- training: GPU fast path, step, resumable two-stage schedule (taught in notebook 05) ----------
+
+
+@dataclass
+class FastPath:
+    """Speed options of the training step; all off: the plain eager fp32 step a student writes."""
+
+    amp_dtype: torch.dtype | None = None  # autocast dtype (fp16 gets a GradScaler); None: fp32
+    cudnn_benchmark: bool = False  # let cuDNN time its algorithms for each new shape
+    fused_adam: bool = False  # one kernel for the whole Adam update
+    compile: bool = False  # torch.compile G and D in place (fuses norm, padding, activations)
+    channels_last: bool = False  # NHWC tensors and weights (off by default: see `for_device`)
+    compile_backend: str = "inductor"
+
+    @classmethod
+    def for_device(cls, device: torch.device, compile: bool = False) -> "FastPath":
+        """CUDA: autocast in bf16 (compute capability >= 8) or fp16 (7.x, e.g. a T4), cuDNN
+        autotuning, fused Adam, torch.compile when asked. Other devices: eager fp32. Channels-last
+        stays off: InstanceNorm turns NHWC tensors back into NCHW, so it cannot speed up the
+        memory-bound layers, and on the CPU (torch 2.11-2.14) InstanceNorm's input gradient is
+        wrong at batch 1 when the incoming gradient is NHWC (see the tests). The bench measures it."""
+        if device.type != "cuda":
+            return cls()
+        major = torch.cuda.get_device_capability(device)[0]
+        amp = torch.bfloat16 if major >= 8 else torch.float16 if major >= 7 else None
+        return cls(amp_dtype=amp, cudnn_benchmark=True, fused_adam=True, compile=compile)
+
+    def describe(self) -> str:
+        """The options that are on, in words."""
+        amp = f"autocast {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "fp32"
+        parts = [amp, "cuDNN autotuning" * self.cudnn_benchmark, "fused Adam" * self.fused_adam,
+                 f"torch.compile ({self.compile_backend})" * self.compile,
+                 "channels-last" * self.channels_last]
+        options = ", ".join(p for p in parts if p)
+        return options if options != "fp32" else "eager fp32 (no fast-path option on)"
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """Apply the options to a model in place (channels-last, torch.compile) and to cuDNN."""
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        if self.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if self.compile:
+            module.compile(backend=self.compile_backend)
+        return module
+
+    def tensor(self, x: Tensor) -> Tensor:
+        """A batch in the memory format the prepared models expect."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def adam(self, params: Iterable[nn.Parameter], lr: float,
+             betas: tuple[float, float]) -> torch.optim.Adam:
+        """Adam with the paper's settings, fused into one kernel when `fused_adam`."""
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=self.fused_adam or None)
+
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """The loss scaler: on for fp16 (small gradients would underflow), off for bf16 and fp32."""
+        return torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+
+
+@dataclass
+class TrainingSetup:
+    """What every stage of a variant uses: data, frozen VGG, loss weights, Adam, the fast path."""
+
+    loader: DataLoader  # batches of {"label", "image"(, "instance")}
+    encode: Callable[[dict, int], tuple[Tensor, Tensor]]  # (batch, size) -> (map, photo) on device
+    preview: dict  # a batch whose outputs are kept as snapshots while training
+    vgg: nn.Module | None = None  # None (or lambda_vgg 0): no VGG term
+    lambda_feat: float = 10.0
+    lambda_vgg: float = 10.0
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    fast: FastPath = field(default_factory=FastPath)
+    snapshot_every: int = 1  # epochs between snapshots (and one at the end of every stage)
+
+
+@dataclass
+class Progress:
+    """The run's own part of a checkpoint: epochs done in the current stage, snapshots so far."""
+
+    epoch: int = 0
+    snapshots: dict[int, Tensor] = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        """Plain values for a checkpoint."""
+        return {"epoch": self.epoch, "snapshots": dict(self.snapshots)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint."""
+        self.epoch, self.snapshots = state["epoch"], dict(state["snapshots"])
+
+
+@dataclass
+class Trained:
+    """A variant after `train_variant`: its models, records, and whether every stage finished."""
+
+    G: nn.Module
+    D: nn.Module
+    complete: bool
+    history: History
+    stopwatch: Stopwatch
+    progress: Progress
+
+
+def pix2pixhd_train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None,
+                         opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                         scaler: torch.amp.GradScaler, x: Tensor, real: Tensor,
+                         lambda_feat: float = 10.0, lambda_vgg: float = 10.0,
+                         amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """One iteration as in the official code: one forward pass of G; D on the real pair, the fake
+    pair (for G's losses) and the detached fake pair (for D's); an Adam step of G, then one of D.
+    amp_dtype: autocast dtype, None for fp32; the scaler scales fp16 losses (a no-op otherwise)."""
+    with torch.autocast(x.device.type, amp_dtype) if amp_dtype else contextlib.nullcontext():
+        fake = G(x)
+        d_real = D(x, real)
+        d_fake = D(x, fake)  # not detached: L_GAN and L_FM reach G through D
+        d_fake_detached = D(x, fake.detach())  # for L_D: D's step must not move G
+        use_vgg = vgg is not None and lambda_vgg > 0
+        vgg_fake = vgg(fake) if use_vgg else None
+        with torch.no_grad():
+            vgg_real = vgg(real) if use_vgg else None
+        g_terms = pix2pixhd_generator_loss(d_fake, d_real, vgg_fake, vgg_real, lambda_feat,
+                                           lambda_vgg)
+        loss_d = lsgan_discriminator_loss([s[-1] for s in d_real], [s[-1] for s in d_fake_detached])
+    opt_g.zero_grad(set_to_none=True)
+    scaler.scale(g_terms["total"]).backward()
+    scaler.step(opt_g)
+    opt_d.zero_grad(set_to_none=True)  # also drops the gradients that G's loss left in D
+    scaler.scale(loss_d).backward()
+    scaler.step(opt_d)
+    scaler.update()
+    return {**{f"G/{k}": v.detach() for k, v in g_terms.items()}, "D/loss": loss_d.detach()}
+
+
+@torch.no_grad()
+def snapshot(G: nn.Module, setup: TrainingSetup, size: int) -> Tensor:
+    """G's images, on the CPU, for the preview batch's maps at `size`."""
+    G.eval()
+    return G(setup.fast.tensor(setup.encode(setup.preview, size)[0])).float().cpu()
+
+
+def train_epoch(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
+                opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, setup: TrainingSetup,
+                size: int, record: dict, lr: float) -> None:
+    """One pass over the data at `size` px. The losses stay on the device until the epoch ends, so
+    that logging never makes the CPU wait for the GPU in the middle of an epoch."""
+    G.train()
+    D.train()
+    watch, steps = record["stopwatch"], []
+    with watch:
+        for batch in tqdm(setup.loader, desc=f"{size} px, lr {lr:.1e}", leave=False):
+            x, real = (setup.fast.tensor(t) for t in setup.encode(batch, size))
+            losses = pix2pixhd_train_step(G, D, setup.vgg, opt_g, opt_d, scaler, x, real,
+                                          setup.lambda_feat, setup.lambda_vgg, setup.fast.amp_dtype)
+            watch.count(1, len(real))
+            steps.append((watch.iterations, losses))
+        synchronize(next(G.parameters()).device)
+    for step, losses in steps:
+        record["history"].log(step, lr=lr, **losses)
+    record["history"].flush()
+
+
+@dataclass
+class Stage:
+    """One stage of the schedule: which generator, at what size, for how many epochs."""
+
+    name: str  # "global": G1 alone; "local": G1 + G2, the local enhancer
+    size: int  # image height and width in this stage
+    epochs: tuple[int, int]  # (constant-LR epochs, linear-decay epochs)
+    fix_global: int = 0  # "local" only: first epochs with G1 frozen (official: niter_fix_global)
+
+
+def two_stage_plan(size: int, global_epochs: tuple[int, int], local_epochs: tuple[int, int],
+                   fix_global: int) -> list[Stage]:
+    """The paper's schedule: G1 alone at half size, then G1 + G2 at full size, G1 first frozen."""
+    return [Stage("global", size // 2, global_epochs),
+            Stage("local", size, local_epochs, fix_global)]
+
+
+def train_stage(stage: Stage, G: nn.Module, D: nn.Module, setup: TrainingSetup, record: dict,
+                path: Path, config: dict, stop_after: int | None = None) -> bool:
+    """Train one stage from its checkpoint (if `path` exists) to its last epoch, saving after every
+    epoch; False when stopped after `stop_after` epochs of the stage (a simulated disconnect)."""
+    device = next(G.parameters()).device
+    opt_g = setup.fast.adam(G.parameters(), setup.lr, setup.betas)
+    opt_d = setup.fast.adam(D.parameters(), setup.lr, setup.betas)
+    scaler = setup.fast.grad_scaler(device)
+    state = {"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d, "scaler": scaler, **record}
+    progress, n_epochs = record["progress"], sum(stage.epochs)
+    progress.epoch = 0
+    if path.is_file():
+        load_checkpoint(path, state, config, map_location=device)
+    while progress.epoch < n_epochs:
+        if stop_after is not None and progress.epoch >= stop_after:
+            return False
+        if stage.fix_global:  # G1 frozen at first; then, as officially, a new Adam over all of G
+            G.freeze_global(progress.epoch < stage.fix_global)
+            if progress.epoch == stage.fix_global:
+                opt_g = state["opt_g"] = setup.fast.adam(G.parameters(), setup.lr, setup.betas)
+        lr = linear_decay_lr(progress.epoch, setup.lr, *stage.epochs)
+        set_lr(opt_g, lr)
+        set_lr(opt_d, lr)
+        train_epoch(G, D, opt_g, opt_d, scaler, setup, stage.size, record, lr)
+        progress.epoch += 1
+        if progress.epoch % setup.snapshot_every == 0 or progress.epoch == n_epochs:
+            progress.snapshots[record["stopwatch"].iterations] = snapshot(G, setup, stage.size)
+        save_checkpoint(path, state, record["stopwatch"].iterations, config)
+    if stage.fix_global:
+        G.freeze_global(False)
+    return True
+
+
+def train_variant(name: str, plan: Sequence[Stage], build_generator: Callable[[str], nn.Module],
+                  D: nn.Module, setup: TrainingSetup, folder: Path, config: dict,
+                  stop_after: int | None = None) -> Trained:
+    """Train, resume or just load every stage of a variant: checkpoints in folder/checkpoints,
+    losses in folder/tensorboard/<name>. Stage 2's G starts from stage 1's trained G1; D carries
+    over. stop_after: stop after that many epochs of the run (a disconnect; a new call resumes)."""
+    record = {"history": History(folder / "tensorboard" / name), "stopwatch": Stopwatch(),
+              "progress": Progress()}
+    setup.fast.prepare(D)
+    G, done = None, 0
+    for stage in plan:
+        trained_g1, G = G, setup.fast.prepare(build_generator(stage.name))
+        if trained_g1 is not None:
+            G.load_global(trained_g1)
+        stage_config = {**config, "stage": stage.name, "size": stage.size,
+                        "epochs": list(stage.epochs), "fix_global": stage.fix_global,
+                        "fp16": setup.fast.amp_dtype == torch.float16}
+        path = folder / "checkpoints" / f"{name}_{stage.name}.pt"
+        left = None if stop_after is None else stop_after - done
+        if not train_stage(stage, G, D, setup, record, path, stage_config, left):
+            return Trained(G, D, False, **record)
+        done += sum(stage.epochs)
+    return Trained(G, D, True, **record)
+
+
+def training_step_flops(G: nn.Module, D: nn.Module, vgg: nn.Module | None, input_nc: int,
+                        height: int, width: int, batch: int) -> int:
+    """FLOPs of one `pix2pixhd_train_step` (convolutions and matrix products, forward and
+    backward), counted on shapes only: build G, D and vgg under `torch.device("meta")`."""
+    with torch.device("meta"):
+        x, real = torch.empty(batch, input_nc, height, width), torch.empty(batch, 3, height, width)
+        # SGD: the counter sees no optimizer FLOPs anyway, and Adam reads its step count with .item()
+        # on torch 2.11, which meta tensors cannot do
+        opt_g, opt_d = torch.optim.SGD(G.parameters(), 0.0), torch.optim.SGD(D.parameters(), 0.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        with FlopCounterMode(display=False) as counter:
+            pix2pixhd_train_step(G, D, vgg, opt_g, opt_d, scaler, x, real)
+    return counter.get_total_flops()
 
 
 # --- data -----------------------------------------------------------------------------------------------------------

@@ -10,98 +10,125 @@
 # held-out pairs, and runs an ablation at the same budget: global generator alone vs with the local enhancer, and
 # without the feature-matching and VGG terms.
 #
-# **Run time.** Colab T4, full mode (CMP Facades at 256×256, three trained variants): about 20 to 40 minutes
-# (an estimate from FLOP counts and the CPU timing below; not measured: no GPU was available when it was written).
-# CPU smoke mode (`SMOKE=1`, tiny models, 32×32 toy data): about 1 minute on 2 cores.
+# **What you get:** the networks, the losses, the training step and the two-stage schedule as cells you can edit
+# and re-run; a training run that checkpoints every epoch and resumes after a disconnect (shown by stopping and
+# resuming it); TensorBoard logs; loss curves; the held-out label maps drawn through training; PSNR, SSIM (and LPIPS
+# where its weights load) for three variants; the step's speed with and without the GPU fast path; `metrics.json`.
+#
+# **Run time.** Colab T4, full mode (CMP Facades at 256×256, three variants, 10.6 PFLOP of training): about 25 to
+# 45 minutes of training, *derived, not measured* (no GPU was available): the FLOPs of each step counted with
+# `torch.utils.flop_counter` (`training_step_flops`), times the steps of the schedule, divided by the rate a
+# reviewer's H100 reached with this code on the official configuration in fp32 (2.9 TFLOP per step in 69.8 ms, about
+# 42 TFLOP/s) scaled down to a T4 by memory bandwidth (the step is bound by memory traffic; H100/T4 bandwidth ratio 6
+# to 10). The fp16 fast path a T4 gets should be faster; section 9 measures it. CPU smoke mode (`SMOKE=1`, tiny
+# models, 32×32 toy data): 14 to 15 s on 2 CPU cores shared with other jobs (measured under nbval, load average 7).
 
 # %% SETUP
 
+# %% [markdown]
+# ## 1. Parameters
+#
+# Every knob is here; smoke values (CI) sit beside the full ones. The full configuration is the **Colab-T4
+# configuration**: the official classes at half the official generator width (G2 16, G1 32 channels), 256×256
+# images, batch 4. The official widths are the classes' defaults; their parameter counts are printed in section 4.
+
 # %%
+import contextlib
 import math
 import os
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Callable, Sequence
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from helpers.environment import data_dir, describe_device, in_colab, pick_device, run_dir, seed_everything, smoke_mode
-from helpers.losses import (PIX2PIXHD_VGG_LAYERS, feature_matching_loss, lsgan_discriminator_loss,
-                            pix2pixhd_generator_loss, vgg_loss)
-from helpers.pix2pixhd import (
-    CMP_FACADES_CLASSES, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, NLayerDiscriminator,
-    PairedFolderDataset, ProceduralLabelImages, ResnetBlock, check_image_size, colorize_labels,
-    download_cmp_facades, encode_input, input_channels, instance_edges, label_sketch, linear_decay_lr, one_hot_labels,
-    set_lr,
-)
-from helpers.plotting import (image_grid, plot_losses, save_figure, show_grid, show_over_iterations, show_panels,
-                              show_rows, show_source)
+from helpers.environment import (data_dir, describe_device, in_colab, pick_device, run_dir,
+                                 seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.metrics import psnr, ssim
-from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb, save_checkpoint,
-                              write_metrics)
+from helpers.pix2pixhd import (
+    CMP_FACADES_CLASSES, FastPath, PairedFolderDataset, ProceduralLabelImages, Progress, Trained,
+    TrainingSetup, check_image_size, colorize_labels, download_cmp_facades, encode_batch,
+    encode_input, input_channels, instance_edges, label_sketch, linear_decay_lr, one_hot_labels,
+    set_lr, snapshot,
+)
+from helpers.plotting import plot_losses, show_grid, show_over_iterations, show_panels, show_rows
+from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb,
+                              save_checkpoint, synchronize, time_per_step, write_metrics)
 from helpers.vgg import STAND_IN_NOTE, VGG19Features
 
-torch.set_flush_denormal(True)  # CPU: tiny activations at the bottleneck otherwise slow convolutions ~10x
-
-# %%
-SMOKE = smoke_mode()
-DEVICE = pick_device()
-RUN = run_dir("05_pix2pixhd")
+SMOKE = smoke_mode()                  # SMOKE=1 in the environment: tiny CI run, nothing downloaded
+NOTEBOOK = "{{NOTEBOOK}}"
+RUN_DIR_ON_DRIVE = False              # True in Colab: runs on Google Drive, so a re-run resumes
 SEED = 0
-seed_everything(SEED)
-
-# Data: "cmp_facades" (CMP Facade Database, label maps -> photos, downloaded), "procedural" (offline toy streets,
-# label maps + instance maps) or "procedural_sketch" (the same streets drawn as black-on-white RGB sketches)
+# Data: "cmp_facades" (CMP Facade Database, label maps -> photos, downloaded), "procedural" (offline
+# toy streets: label + instance maps) or "procedural_sketch" (the same streets as RGB sketches)
 DATASET = os.environ.get("PIX2PIXHD_DATASET", "procedural" if SMOKE else "cmp_facades")
-IMAGE_SIZE = 32 if SMOKE else 256            # full resolution (local enhancer); the global stage runs at half of it
-N_TRAIN = int(os.environ.get("PIX2PIXHD_N_TRAIN", 2 if SMOKE else 800))  # procedural data only; the env variables
-N_TEST = int(os.environ.get("PIX2PIXHD_N_TEST", 4 if SMOKE else 100))     # serve the longer offline CPU run (sec. 7)
-N_TEST_FACADES = 50                          # the last 50 facades (sorted by name) are held out
-BATCH_SIZE = 1 if SMOKE else 4                # official: 1
+IMAGE_SIZE = 32 if SMOKE else 256     # full size (local enhancer); stage 1 runs at half of it
+N_TRAIN = int(os.environ.get("PIX2PIXHD_N_TRAIN", 2 if SMOKE else 800))  # procedural data only;
+N_TEST = int(os.environ.get("PIX2PIXHD_N_TEST", 4 if SMOKE else 100))    # for longer CPU runs
+N_TEST_FACADES = 50                   # the last 50 facades (sorted by name) are held out
+BATCH_SIZE = 1 if SMOKE else 4        # official: 1
 NUM_WORKERS = 0 if SMOKE else 2
 
-# Architecture. Official defaults: G1 width 64, G2 width 32, 9 + 3 residual blocks, D width 64, 3 layers, 3 scales.
-# The Colab-T4 configuration is the same classes with half the generator width (G2 16, G1 32).
-NGF_LOCAL = 4 if SMOKE else 16               # G2 width; G1 is built with 2 * NGF_LOCAL (official: 32 -> 64)
-N_DOWNSAMPLE_GLOBAL = 3 if SMOKE else 4      # official 4 (smoke: 3, so that 32x32 images fit)
-N_BLOCKS_GLOBAL = 2 if SMOKE else 9          # official 9
-N_BLOCKS_LOCAL = 1 if SMOKE else 3           # official 3
-NDF = 8 if SMOKE else 64                     # official 64
-N_LAYERS_D = 3                               # official 3
-NUM_D = 3                                    # the paper's 3 scales
+# Architecture. Official: G2 width 32, G1 64, 4 downsamplings, 9 + 3 residual blocks; D width 64,
+# 3 layers, 3 scales
+NGF_LOCAL = 4 if SMOKE else 16        # G2 width; G1 gets 2 * NGF_LOCAL (official: 32 -> 64)
+N_DOWNSAMPLE_GLOBAL = 3 if SMOKE else 4   # official 4 (smoke: 3, so that 32x32 images fit)
+N_BLOCKS_GLOBAL = 2 if SMOKE else 9   # official 9
+N_BLOCKS_LOCAL = 1 if SMOKE else 3    # official 3
+NDF = 8 if SMOKE else 64              # official 64
+N_LAYERS_D = 3                        # official 3
+NUM_D = 3                             # the paper's 3 scales
 
 # Losses (the paper's weights)
 LAMBDA_FEAT = 10.0
 LAMBDA_VGG = 10.0
-VGG_PRETRAINED = not SMOKE                   # smoke: random-weight VGG19 (offline stand-in)
+VGG_PRETRAINED = not SMOKE            # smoke: random-weight VGG19 (offline stand-in)
 
-# Optimiser and the two-stage schedule (epochs: constant LR, then linear decay to 0); official: 100 + 100 each
+# Optimiser and the two-stage schedule, in epochs (constant LR, linear decay); official 100 + 100
 LR, BETAS = 2e-4, (0.5, 0.999)
-GLOBAL_EPOCHS = (0, 2) if SMOKE else (20, 20)    # stage 1: G1 alone at IMAGE_SIZE / 2
-LOCAL_EPOCHS = (1, 1) if SMOKE else (10, 10)     # stage 2: G1 + G2 at IMAGE_SIZE
-FIX_GLOBAL_EPOCHS = 1 if SMOKE else 5            # stage 2 keeps G1 frozen for its first epochs (official: 10)
-INTERRUPT_AFTER_EPOCHS = 1                       # the main run is stopped here once and resumed (see Training)
-USE_AMP = DEVICE.type == "cuda"
-SNAPSHOT_IMAGES = 4                              # held-out maps drawn after every SNAPSHOT_EVERY epochs
+GLOBAL_EPOCHS = (0, 2) if SMOKE else (20, 20)   # stage 1: G1 alone at IMAGE_SIZE / 2
+LOCAL_EPOCHS = (1, 1) if SMOKE else (10, 10)    # stage 2: G1 + G2 at IMAGE_SIZE
+FIX_GLOBAL_EPOCHS = 1 if SMOKE else 5           # first stage-2 epochs with G1 frozen (official 10)
+INTERRUPT_AFTER_EPOCHS = sum(GLOBAL_EPOCHS) + 1  # the main run stops here once (G1 frozen)
+COMPILE = False                       # torch.compile G and D on a GPU (minutes of compiling)
+SNAPSHOT_IMAGES = 4                   # held-out maps drawn after every SNAPSHOT_EVERY epochs
 SNAPSHOT_EVERY = 1 if SMOKE else 10
-LPIPS_NET = None if SMOKE else "alex"            # LPIPS needs AlexNet ImageNet weights (download); None skips it
+LPIPS_NET = None if SMOKE else "alex"  # LPIPS needs AlexNet weights (download); None skips it
+TIMED_STEPS = 2 if SMOKE else 20      # steps per row of the speed comparison (section 9)
 
-VARIANTS = {  # the ablation: every variant gets the same number of epochs (and so of generator updates)
-    "g1_g2_full": {"title": "G1 + G2, GAN + FM + VGG", "local": True, "lambda_feat": LAMBDA_FEAT,
-                   "lambda_vgg": LAMBDA_VGG},
-    "g1_only_full": {"title": "G1 only, GAN + FM + VGG", "local": False, "lambda_feat": LAMBDA_FEAT,
-                     "lambda_vgg": LAMBDA_VGG},
-    "g1_g2_gan_only": {"title": "G1 + G2, GAN only", "local": True, "lambda_feat": 0.0, "lambda_vgg": 0.0},
+VARIANTS = {  # the ablation: the same epochs (so the same generator updates) for every variant
+    "g1_g2_full": {"title": "G1 + G2, GAN + FM + VGG", "local": True,
+                   "lambda_feat": LAMBDA_FEAT, "lambda_vgg": LAMBDA_VGG},
+    "g1_only_full": {"title": "G1 only, GAN + FM + VGG", "local": False,
+                     "lambda_feat": LAMBDA_FEAT, "lambda_vgg": LAMBDA_VGG},
+    "g1_g2_gan_only": {"title": "G1 + G2, GAN only", "local": True,
+                       "lambda_feat": 0.0, "lambda_vgg": 0.0},
 }
 MAIN_VARIANT = "g1_g2_full"
 STAND_INS: list[str] = []
-print(f"mode: {'smoke' if SMOKE else 'full'}, device: {describe_device(DEVICE)}, run dir: {RUN}, data: {DATASET}")
-print(f"images {IMAGE_SIZE}x{IMAGE_SIZE} (global stage {IMAGE_SIZE // 2}), batch {BATCH_SIZE}, AMP: {USE_AMP}")
+
+use_drive_for_runs(RUN_DIR_ON_DRIVE)  # mounts Drive and sets $RUN_DIR there (Colab only)
+
+DEVICE = pick_device()
+RUN_DIR = run_dir(NOTEBOOK)           # $RUN_DIR/<notebook>: checkpoints, TensorBoard, figures
+FAST = FastPath.for_device(DEVICE, compile=COMPILE)
+torch.set_flush_denormal(True)        # CPU: tiny activations otherwise slow the convolutions ~10x
+seed_everything(SEED)
+print(f"mode: {'smoke' if SMOKE else 'full'} | device: {describe_device(DEVICE)} | "
+      f"run dir: {RUN_DIR}")
+print(f"data: {DATASET}, {IMAGE_SIZE}x{IMAGE_SIZE} (stage 1: {IMAGE_SIZE // 2}), "
+      f"batch {BATCH_SIZE}")
+print(f"training step: {FAST.describe()}")
 
 # %% [markdown]
-# ## 1. The model in formulas
+# ## 2. The model in formulas
 #
 # **Generator** $G = \{G_1, G_2\}$. The *global generator* $G_1$ is the residual network
 # `c7s1-64, d128, d256, d512, d1024, R1024×9, u512, u256, u128, u64, c7s1-3`: a 7×7 convolution, four stride-2
@@ -153,10 +180,11 @@ print(f"images {IMAGE_SIZE}x{IMAGE_SIZE} (global stage {IMAGE_SIZE // 2}), batch
 # rescales $\lambda_\text{feat}$ and $\lambda_\text{VGG}$ by 2). (2) Fewer epochs than the paper's 200 per stage and
 # a generator of half the official width in the Colab configuration (the official widths are the classes' defaults;
 # their parameter counts are printed below). (3) One local enhancer (as the official scripts), 256×256 facades instead
-# of 2048×1024 Cityscapes. (4) Native `torch.autocast` mixed precision instead of apex.
+# of 2048×1024 Cityscapes. (4) Native `torch.autocast` mixed precision on a GPU (bf16 where the GPU has it, fp16 on a
+# T4) instead of apex, and a fused Adam; the official code trains in fp32 by default.
 
 # %% [markdown]
-# ## 2. Data
+# ## 3. Data
 #
 # **Full mode: the CMP Facade Database** (Tyleček & Šára 2013, `CMP_facade_DB_base.zip` from
 # [cmp.felk.cvut.cz/~tylecr1/facade](https://cmp.felk.cvut.cz/~tylecr1/facade/), 378 rectified facades, no
@@ -177,61 +205,49 @@ print(f"images {IMAGE_SIZE}x{IMAGE_SIZE} (global stage {IMAGE_SIZE // 2}), batch
 if DATASET in ("procedural", "procedural_sketch"):
     train_set = ProceduralLabelImages(N_TRAIN, IMAGE_SIZE, seed=SEED)
     test_set = ProceduralLabelImages(N_TEST, IMAGE_SIZE, seed=SEED + 1)
-    SKETCH = DATASET == "procedural_sketch"  # label_nc 0: the RGB sketch feeds G directly, as pix2pixHD's label_nc 0
+    SKETCH = DATASET == "procedural_sketch"  # label_nc 0: the RGB sketch feeds G directly
     LABEL_NC, USE_INSTANCE = (0, False) if SKETCH else (train_set.label_nc, True)
     CLASS_NAMES = train_set.class_names
-    STAND_INS.append(f"procedural toy-street {'sketches' if SKETCH else 'label maps'} ({N_TRAIN} train / {N_TEST} "
-                     "test) instead of CMP Facades")
+    kind = "sketches" if SKETCH else "label maps"
+    STAND_INS.append(f"procedural toy-street {kind} ({N_TRAIN} train / {N_TEST} test) instead of "
+                     "CMP Facades")
+    print("STAND-IN:", STAND_INS[-1])
 elif DATASET == "cmp_facades":
     folder = download_cmp_facades(data_dir())
     names = sorted(p.stem for p in folder.glob("*.jpg"))
     LABEL_NC, USE_INSTANCE, CLASS_NAMES = len(CMP_FACADES_CLASSES), False, CMP_FACADES_CLASSES
-    train_set = PairedFolderDataset(folder, folder, IMAGE_SIZE, LABEL_NC, names=names[:-N_TEST_FACADES])
-    test_set = PairedFolderDataset(folder, folder, IMAGE_SIZE, LABEL_NC, names=names[-N_TEST_FACADES:])
+    pairs = partial(PairedFolderDataset, folder, folder, IMAGE_SIZE, LABEL_NC)
+    train_set, test_set = pairs(names=names[:-N_TEST_FACADES]), pairs(names=names[-N_TEST_FACADES:])
 else:
-    raise ValueError(f"DATASET={DATASET!r} is not known; use 'cmp_facades' (download), 'procedural' or "
-                     "'procedural_sketch' (offline)")
-if DATASET != "cmp_facades":
-    print("STAND-IN:", STAND_INS[-1])
+    raise ValueError(f"DATASET={DATASET!r} is not known; use 'cmp_facades' (download), "
+                     "'procedural' or 'procedural_sketch' (offline)")
 IN_NC = input_channels(LABEL_NC, USE_INSTANCE)
 check_image_size(IMAGE_SIZE, IMAGE_SIZE, 32, "IMAGE_SIZE")
-train_loader = DataLoader(train_set, BATCH_SIZE, shuffle=True, num_workers=NUM_WORKERS, drop_last=True)
+train_loader = DataLoader(train_set, BATCH_SIZE, shuffle=True, num_workers=NUM_WORKERS,
+                          drop_last=True)
 test_loader = DataLoader(test_set, BATCH_SIZE, shuffle=False, num_workers=NUM_WORKERS)
-print(f"{len(train_set)} training pairs, {len(test_set)} held-out pairs, {len(CLASS_NAMES)} classes "
-      f"({', '.join(CLASS_NAMES)}), generator input: {IN_NC} channels")
+encode = partial(encode_batch, label_nc=LABEL_NC, use_instance=USE_INSTANCE, device=DEVICE)
+print(f"{len(train_set)} training pairs, {len(test_set)} held-out pairs, {len(CLASS_NAMES)} "
+      f"classes ({', '.join(CLASS_NAMES)}), generator input: {IN_NC} channels")
 
-
-def make_input(batch: dict, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize a batch to `size` (maps: nearest, photos: area) and encode it: (input map, target photo) on DEVICE."""
-    label, image, instance = batch["label"][:, None].float(), batch["image"], batch.get("instance")
-    if label.shape[-1] != size:
-        label = F.interpolate(label, size=(size, size), mode="nearest")
-        image = F.interpolate(image, size=(size, size), mode="area")
-        if instance is not None:
-            instance = F.interpolate(instance[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-    label = label[:, 0].long()
-    if LABEL_NC == 0:
-        x = encode_input(label_sketch(label, instance), 0)
-    else:
-        x = encode_input(label, LABEL_NC, instance if USE_INSTANCE else None)
-    return x.to(DEVICE), image.to(DEVICE)
-
-
+# %%
 def input_picture(batch: dict) -> torch.Tensor:
     """What G gets, as a picture: the label map in class colours, or the sketch itself."""
     if LABEL_NC == 0:
-        return make_input(batch, batch["image"].shape[-1])[0].cpu()
+        return encode(batch, batch["image"].shape[-1])[0].cpu()
     return colorize_labels(batch["label"], LABEL_NC)
 
 
 preview = next(iter(DataLoader(test_set, 6)))
-panels = {"input (label map: colours = classes)" if LABEL_NC else "input (RGB sketch)": input_picture(preview)}
+what_g_gets = "input (label map: colours = classes)" if LABEL_NC else "input (RGB sketch)"
+panels = {what_g_gets: input_picture(preview)}
 if USE_INSTANCE:
     panels["instance edges"] = instance_edges(preview["instance"]).repeat(1, 3, 1, 1) * 2 - 1
 panels["photo (target)"] = preview["image"]
-fig = show_panels(panels, f"{DATASET}: what the generator sees and what it must draw", RUN / "data_preview.png",
-                  nrow=3)
-assert preview["image"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and preview["label"].dtype == torch.long
+fig = show_panels(panels, f"{DATASET}: what the generator sees and what it must draw",
+                  RUN_DIR / "data_preview.png", nrow=3)
+assert preview["image"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+assert preview["label"].dtype == torch.long
 
 # %% [markdown]
 # The input encoding: a one-hot plane per class, and one plane that is 1 wherever a pixel's instance id differs
@@ -239,7 +255,7 @@ assert preview["image"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE) and preview["la
 # Bad inputs stop with a message that says what to do:
 
 # %%
-x_demo = make_input({k: v[:2] for k, v in preview.items()}, IMAGE_SIZE)[0].cpu()
+x_demo = encode({k: v[:2] for k, v in preview.items()}, IMAGE_SIZE)[0].cpu()
 assert x_demo.shape == (2, IN_NC, IMAGE_SIZE, IMAGE_SIZE)
 assert LABEL_NC == 0 or torch.all(x_demo[:, :LABEL_NC].sum(1) == 1)  # exactly one class per pixel
 sketch_demo = label_sketch(preview["label"][:2])
@@ -254,28 +270,38 @@ for bad_call in (lambda: one_hot_labels(torch.full((1, 4, 4), 9), 6),
         print("ValueError:", err)
 
 # %% [markdown]
-# ## 3. The networks
+# ## 4. The networks
 #
-# The classes live in `helpers/pix2pixhd.py`; read them here.
+# The building blocks first: a convolution with instance norm and ReLU (reflection-padded for the 7×7 ones), the
+# transposed convolution that doubles the size, the RGB head, the official initialisation N(0, 0.02), and the
+# average-pool downsampling used between the generator's and the discriminator's scales.
 
-# %%
-show_source(ResnetBlock)
+# %% [helpers] pix2pixhd: init_weights, conv_block, up_block, to_rgb, downsample
 
-# %%
-show_source(GlobalGenerator)
+# %% [markdown]
+# The residual block and the global generator $G_1$. `forward` refuses sizes its downsamplings cannot undo.
 
-# %%
-show_source(LocalEnhancer)
+# %% [helpers] pix2pixhd: ResnetBlock, GlobalGenerator
 
-# %%
-show_source(NLayerDiscriminator)
+# %% [markdown]
+# The local enhancer $G = \{G_1, G_2\}$: $G_1$'s feature extractor (its `features`, without the RGB head) at twice
+# G2's width, and G2's front end, residual blocks and head. `load_global` copies a trained $G_1$ in;
+# `freeze_global` freezes it for the first epochs of stage 2.
 
-# %%
-show_source(MultiscaleDiscriminator)
+# %% [helpers] pix2pixhd: LocalEnhancer
+
+# %% [markdown]
+# The 70×70 PatchGAN returns every block's output (feature matching needs them); the multi-scale discriminator runs
+# independent PatchGANs on the (input map, image) pair at full, ½ and ¼ size.
+
+# %% [helpers] pix2pixhd: NLayerDiscriminator
+
+# %% [helpers] pix2pixhd: MultiscaleDiscriminator
 
 # %% [markdown]
 # **Parameter counts at the official defaults** (Cityscapes: 35 classes + 1 edge channel = 36 input channels;
-# built on PyTorch's `meta` device, so nothing is allocated), then the configuration this run trains.
+# built on PyTorch's `meta` device, so nothing is allocated), checked against the counts worked out by hand in
+# `tests/test_pix2pixhd.py`.
 
 # %%
 with torch.device("meta"):
@@ -290,256 +316,193 @@ for name, n in OFFICIAL_PARAMS.items():
     print(f"{name:45s} {n:>13,d} parameters")
 assert list(OFFICIAL_PARAMS.values()) == [182_546_755, 182_857_059, 2_801_601, 8_404_803]
 
+# %% [markdown]
+# This run's models, built from the parameters of section 1 (edit the cells above and re-run from here to train
+# your own version):
 
-def build_generator(local: bool) -> torch.nn.Module:
-    """This run's G1 + G2 (local=True) or G1 alone at 2 * NGF_LOCAL width."""
-    if local:
-        return LocalEnhancer(IN_NC, 3, NGF_LOCAL, N_DOWNSAMPLE_GLOBAL, N_BLOCKS_GLOBAL, N_BLOCKS_LOCAL)
-    return GlobalGenerator(IN_NC, 3, 2 * NGF_LOCAL, N_DOWNSAMPLE_GLOBAL, N_BLOCKS_GLOBAL)
+# %%
+def build_generator(stage: str) -> nn.Module:
+    """This run's G1 + G2 for the "local" stage, else G1 alone (width 2 * NGF_LOCAL), on DEVICE."""
+    if stage == "local":
+        g = LocalEnhancer(IN_NC, 3, NGF_LOCAL, N_DOWNSAMPLE_GLOBAL, N_BLOCKS_GLOBAL, N_BLOCKS_LOCAL)
+    else:
+        g = GlobalGenerator(IN_NC, 3, 2 * NGF_LOCAL, N_DOWNSAMPLE_GLOBAL, N_BLOCKS_GLOBAL)
+    return g.to(DEVICE)
 
 
 def build_discriminator() -> MultiscaleDiscriminator:
-    """This run's multi-scale discriminator on (input map, image) pairs."""
-    return MultiscaleDiscriminator(IN_NC + 3, NDF, N_LAYERS_D, NUM_D)
+    """This run's multi-scale discriminator on (input map, image) pairs, on DEVICE."""
+    return MultiscaleDiscriminator(IN_NC + 3, NDF, N_LAYERS_D, NUM_D).to(DEVICE)
 
 
-g_check, d_check = build_generator(True), build_discriminator()
-RUN_PARAMS = {"G1 + G2": count_parameters(g_check), "G1 (inside G1 + G2)": count_parameters(g_check.global_features),
+g_check, d_check = build_generator("local").cpu(), build_discriminator().cpu()
+RUN_PARAMS = {"G1 + G2": count_parameters(g_check),
+              "G1 inside it": count_parameters(g_check.global_features),
               "multi-scale D": count_parameters(d_check)}
 for name, n in RUN_PARAMS.items():
-    print(f"this run: {name:30s} {n:>12,d} parameters")
+    print(f"this run: {name:20s} {n:>12,d} parameters")
 with torch.no_grad():
     fake_check = g_check(x_demo)
     d_out = d_check(x_demo, fake_check)
-assert fake_check.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and fake_check.abs().max() <= 1
+assert fake_check.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
 assert len(d_out) == NUM_D and all(len(scale) == N_LAYERS_D + 2 for scale in d_out)
 assert d_out[1][-1].shape[-1] < d_out[0][-1].shape[-1]  # the 1/2-scale patch map is smaller
 print("patch maps per scale:", [tuple(scale[-1].shape[-2:]) for scale in d_out])
 
 # %% [markdown]
-# **Memory of the Colab-T4 configuration (an estimate, not a measurement).** Training keeps, in fp32, the weights,
-# their gradients and Adam's two moments (16 bytes per trainable parameter), plus the activations saved for the
-# backward pass. We count the activation elements with forward hooks on the `meta` device (shapes only) for one batch
-# of G, three discriminator passes and two VGG passes, and count them at 2 bytes (fp16 under autocast) plus 50% for
-# the tensors autograd saves beside layer outputs. On a GPU the training cell below prints the measured peak.
+# ## 5. Losses
+#
+# LSGAN, with the ½ on each term of $\mathcal{L}_D$ and the scales summed. By hand, one scale with
+# $D(s, x) = 0.9$ and $D(s, G(s)) = 0.2$: $\mathcal{L}_D = \tfrac12[(0.9-1)^2 + 0.2^2] = 0.025$ and
+# $\mathcal{L}_\text{GAN} = (0.2 - 1)^2 = 0.64$.
 
-# %%
-def activation_elements(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
-    """Elements of every leaf module's output in one forward pass (shapes only on the meta device)."""
-    counts: list[int] = []
-    leaves = [m for m in module.modules() if not list(m.children())]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: counts.append(out.numel())) for m in leaves]
-    module(*inputs)
-    for hook in hooks:
-        hook.remove()
-    return sum(counts)
-
-
-def estimate_training_gb(size: int, batch: int, ngf_local: int, ndf: int, in_nc: int) -> float:
-    """Rough GPU memory (GB) of one training step of G1 + G2 at `size` with AMP, from parameter/activation counts."""
-    with torch.device("meta"):
-        g = LocalEnhancer(in_nc, 3, ngf_local, 4, 9, 3)
-        d = MultiscaleDiscriminator(in_nc + 3, ndf, N_LAYERS_D, NUM_D)
-        vgg_meta = VGG19Features(list(PIX2PIXHD_VGG_LAYERS), pretrained=False, normalize_input=False)
-        x, img = torch.empty(batch, in_nc, size, size), torch.empty(batch, 3, size, size)
-        acts = activation_elements(g, x) + 3 * activation_elements(d, x, img) + 2 * activation_elements(vgg_meta, img)
-    weights = 16 * (count_parameters(g) + count_parameters(d)) + 4 * count_parameters(vgg_meta)
-    return (weights + 2 * 1.5 * acts) / 1e9
-
-
-COLAB_CONFIG = {"size": 256, "batch": 4, "ngf_local": 16, "ndf": 64, "in_nc": len(CMP_FACADES_CLASSES)}
-MEMORY_ESTIMATE_GB = estimate_training_gb(**COLAB_CONFIG)
-print(f"Colab-T4 configuration {COLAB_CONFIG}: about {MEMORY_ESTIMATE_GB:.1f} GB of GPU memory "
-      "(estimate; the free T4 has 15 GB)")
-assert MEMORY_ESTIMATE_GB < 15
+# %% [helpers] losses: _as_list, lsgan_discriminator_loss, lsgan_generator_loss
 
 # %% [markdown]
-# ## 4. Losses
-#
-# LSGAN ($\mathcal{L}_D$ with the ½ on each term; $\mathcal{L}_\text{GAN}$ summed over scales) comes from the shared
-# section of `helpers/losses.py`; feature matching, the VGG loss and $\mathcal{L}_G$ are pix2pixHD's section:
+# Feature matching and the VGG loss: each term a mean absolute difference, weighted as in section 2.
 
-# %%
-show_source(feature_matching_loss)
+# %% [helpers] losses: feature_matching_loss
 
-# %%
-show_source(vgg_loss)
+# %% [helpers] losses: PIX2PIXHD_VGG_LAYERS, PIX2PIXHD_VGG_WEIGHTS, vgg_loss
 
-# %%
-show_source(pix2pixhd_generator_loss)
+# %% [helpers] losses: pix2pixhd_generator_loss
 
 # %% [markdown]
 # The VGG19 features are relu1_1 … relu5_1 of a frozen ImageNet VGG19, fed the raw $[-1, 1]$ image as the official
-# code does (no ImageNet normalisation).
+# code does (no ImageNet normalisation). Checks of the claims above: the hand-computed LSGAN values, and nothing to
+# match (FM and VGG terms 0) when the fake's features equal the real's.
 
 # %%
-vgg = VGG19Features(list(PIX2PIXHD_VGG_LAYERS), pretrained=VGG_PRETRAINED, normalize_input=False).to(DEVICE)
+vgg = VGG19Features(list(PIX2PIXHD_VGG_LAYERS), pretrained=VGG_PRETRAINED, normalize_input=False)
+vgg = vgg.to(DEVICE)
 if not VGG_PRETRAINED:
     print("STAND-IN:", STAND_IN_NOTE)
     STAND_INS.append(STAND_IN_NOTE)
+d_real_example, d_fake_example = torch.tensor([0.9]), torch.tensor([0.2])
+loss_d_example = lsgan_discriminator_loss(d_real_example, d_fake_example).item()
+assert math.isclose(loss_d_example, 0.025, rel_tol=1e-6)
+assert math.isclose(lsgan_generator_loss(d_fake_example).item(), 0.64, rel_tol=1e-6)
 with torch.no_grad():
-    same = pix2pixhd_generator_loss(d_out, d_out, vgg(fake_check.to(DEVICE)), vgg(fake_check.to(DEVICE)))
-assert same["fm"].item() == 0 and same["vgg"].item() == 0  # identical features: nothing to match
+    features = vgg(fake_check.to(DEVICE))
+    same = pix2pixhd_generator_loss(d_out, d_out, features, features)
+    d_other, features_other = d_check(x_demo, -fake_check), vgg(-fake_check.to(DEVICE))
+    other = pix2pixhd_generator_loss(d_out, d_other, features, features_other)
+assert same["fm"].item() == 0 and same["vgg"].item() == 0 and other["fm"] > 0 and other["vgg"] > 0
 print({k: round(v.item(), 4) for k, v in same.items()})
 
 # %% [markdown]
-# ## 5. Training
+# ## 6. Training
 #
-# Each iteration, as in the official code: one forward pass of $G$; $D$ on the real pair, on the detached fake pair
-# (for $\mathcal{L}_D$) and on the fake pair (for $\mathcal{L}_\text{GAN}$ and $\mathcal{L}_\text{FM}$); one Adam step
-# of $G$, then one of $D$. The learning rate is constant, then decays linearly to 0.
-#
-# The **two-stage schedule**: stage 1 trains $G_1$ alone at half resolution; stage 2 builds $G_1 + G_2$ at full
-# resolution, copies the trained $G_1$ in, keeps it frozen for the first `FIX_GLOBAL_EPOCHS` epochs (only $G_2$
-# learns), then trains all of $G$ with a freshly built Adam. The discriminator carries over.
-#
-# Every epoch ends with a checkpoint in `RUN_DIR` (G, D and both Adam states: about 0.65 GB per stage and variant in
-# the Colab configuration, so mind the space if `RUN_DIR` is on Google Drive); calling `run_variant` again resumes
-# from it (a Colab disconnect costs at most one epoch). To show that path on every run, the main run below is stopped after
-# `INTERRUPT_AFTER_EPOCHS` epoch(s) and then resumed.
+# ### The step
+# Each iteration, as in the official code: one forward pass of $G$; $D$ on the real pair, on the fake pair (for
+# $\mathcal{L}_\text{GAN}$ and $\mathcal{L}_\text{FM}$, so that their gradients reach $G$ through $D$) and on the
+# detached fake pair (for $\mathcal{L}_D$); one Adam step of $G$, then one of $D$. On a GPU the step runs under
+# `torch.autocast` (bf16 where the GPU has it, fp16 with a loss scaler on a T4); on a CPU in plain fp32.
+
+# %% [helpers] pix2pixhd: pix2pixhd_train_step
+
+# %% [markdown]
+# ### An epoch, the two stages, a variant
+# An epoch runs the step over the data; the losses stay on the device until the epoch ends (reading a loss at every
+# step would make the CPU wait for the GPU each time). The **two-stage schedule**: stage 1 trains $G_1$ alone at
+# half resolution; stage 2 builds $G_1 + G_2$ at full resolution, copies the trained $G_1$ in, keeps it frozen for
+# the first `FIX_GLOBAL_EPOCHS` epochs (only $G_2$ learns), then trains all of $G$ with a freshly built Adam. The
+# discriminator carries over. The learning rate is constant, then decays linearly (per stage).
+
+# %% [helpers] pix2pixhd: train_epoch
+
+# %% [helpers] pix2pixhd: Stage, two_stage_plan
+
+# %% [markdown]
+# Every epoch ends with a checkpoint in `RUN_DIR/checkpoints` holding G, D, both Adam states, the loss scaler, the
+# loss history, the stopwatch and the progress (epoch, snapshots), each through its `state_dict`; calling
+# `train_variant` again resumes from it, so a Colab disconnect costs at most one epoch. (In the Colab configuration a
+# checkpoint is about 0.65 GB, two per variant: mind the space when `RUN_DIR` is on Google Drive.)
+
+# %% [helpers] pix2pixhd: train_stage
+
+# %% [helpers] pix2pixhd: train_variant
+
+# %% [markdown]
+# ### The runs
+# One setup per variant (the ablation changes only the loss weights and the plan), and one function that trains,
+# resumes or loads a variant. To show the resume path on every run, the main run is stopped once after
+# `INTERRUPT_AFTER_EPOCHS` epochs (inside the frozen-G1 epochs of stage 2) and then resumed.
 
 # %%
-def stage_plan(variant: dict) -> list[tuple[str, int, tuple[int, int], int]]:
-    """(stage, image size, (constant, decay) epochs, frozen-G1 epochs) of a variant; G1 alone gets the same epochs."""
+snapshot_maps = {k: v[:SNAPSHOT_IMAGES] for k, v in preview.items()}
+BASE_SETUP = TrainingSetup(train_loader, encode, snapshot_maps, vgg, lr=LR, betas=BETAS, fast=FAST,
+                           snapshot_every=SNAPSHOT_EVERY)
+CONFIG = {"dataset": DATASET, "n_train": len(train_set), "batch": BATCH_SIZE,
+          "ngf_local": NGF_LOCAL, "n_down": N_DOWNSAMPLE_GLOBAL,
+          "blocks": [N_BLOCKS_GLOBAL, N_BLOCKS_LOCAL], "ndf": NDF, "seed": SEED}
+
+
+def plan_for(variant: dict) -> list[Stage]:
+    """The two-stage plan, or for "G1 only" one stage at full size with the same epochs in all."""
     if variant["local"]:
-        return [("global", IMAGE_SIZE // 2, GLOBAL_EPOCHS, 0), ("local", IMAGE_SIZE, LOCAL_EPOCHS, FIX_GLOBAL_EPOCHS)]
-    total = (GLOBAL_EPOCHS[0] + LOCAL_EPOCHS[0], GLOBAL_EPOCHS[1] + LOCAL_EPOCHS[1])
-    return [("global", IMAGE_SIZE, total, 0)]
+        return two_stage_plan(IMAGE_SIZE, GLOBAL_EPOCHS, LOCAL_EPOCHS, FIX_GLOBAL_EPOCHS)
+    epochs = (GLOBAL_EPOCHS[0] + LOCAL_EPOCHS[0], GLOBAL_EPOCHS[1] + LOCAL_EPOCHS[1])
+    return [Stage("global", IMAGE_SIZE, epochs)]
 
 
-def train_step(g, d, opt_g, opt_d, scaler, x, real, variant: dict) -> dict[str, float]:
-    """One G step then one D step from the same forward pass; returns the loss terms."""
-    with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=USE_AMP):
-        fake = g(x)
-        d_real = d(x, real)
-        d_fake_for_d = d(x, fake.detach())
-        d_fake = d(x, fake)
-        vgg_fake = vgg_real = None
-        if variant["lambda_vgg"]:
-            vgg_fake = vgg(fake)
-            with torch.no_grad():
-                vgg_real = vgg(real)
-        g_terms = pix2pixhd_generator_loss(d_fake, d_real, vgg_fake, vgg_real,
-                                           variant["lambda_feat"], variant["lambda_vgg"])
-        loss_d = lsgan_discriminator_loss([s[-1] for s in d_real], [s[-1] for s in d_fake_for_d])
-    opt_g.zero_grad(set_to_none=True)
-    scaler.scale(g_terms["total"]).backward()
-    scaler.step(opt_g)
-    opt_d.zero_grad(set_to_none=True)  # also drops the gradients G's loss left in D
-    scaler.scale(loss_d).backward()
-    scaler.step(opt_d)
-    scaler.update()
-    return {**{f"G/{k}": v.item() for k, v in g_terms.items()}, "D/loss": loss_d.item()}
-
-
-def adam(params) -> torch.optim.Adam:
-    """The paper's optimiser."""
-    return torch.optim.Adam(params, lr=LR, betas=BETAS)
-
-
-def train_stage(key: str, stage: str, size: int, epochs: tuple[int, int], fix: int, g, d, log: dict,
-                stop_after: int | None) -> bool:
-    """Train one stage of a variant from its last checkpoint; False if stopped early at `stop_after` epochs."""
-    variant, path = VARIANTS[key], RUN / "checkpoints" / f"{key}_{stage}.pt"
-    n_epochs = sum(epochs)
-    opt_g, opt_d = adam(g.parameters()), adam(d.parameters())  # frozen G1 gets no gradient, so Adam skips it
-    scaler = torch.amp.GradScaler("cuda", enabled=USE_AMP)
-    config = {"variant": key, "stage": stage, "size": size, "epochs": list(epochs), "fix": fix, "ngf": NGF_LOCAL,
-              "ndf": NDF, "blocks": [N_BLOCKS_GLOBAL, N_BLOCKS_LOCAL], "n_down": N_DOWNSAMPLE_GLOBAL,
-              "dataset": DATASET, "n_train": len(train_set), "batch": BATCH_SIZE}
-    start = 0
-    if path.is_file():
-        state = load_checkpoint(path, {"G": g, "D": d, "opt_g": opt_g, "opt_d": opt_d}, config, map_location=DEVICE)
-        start = state["extra"]["epoch"]
-        log["history"].load_state_dict(state["extra"]["history"])
-        log["watch"].__dict__.update(state["extra"]["watch"])
-        log["snapshots"] = state["extra"]["snapshots"]
-        print(f"{key}/{stage}: resumed from '{path.name}' after epoch {start}/{n_epochs}")
-    watch, history = log["watch"], log["history"]
-    bar = tqdm(total=(n_epochs - start) * len(train_loader), desc=f"{key}/{stage} {size}px", leave=False)
-    for epoch in range(start, n_epochs):
-        if stop_after is not None and epoch >= stop_after:
-            bar.close()
-            return False
-        if stage == "local":
-            g.freeze_global(epoch < fix)
-            if fix and epoch == fix:
-                opt_g = adam(g.parameters())  # the official code rebuilds Adam over all of G here
-        lr = linear_decay_lr(epoch, LR, *epochs)
-        set_lr(opt_g, lr)
-        set_lr(opt_d, lr)
-        g.train()
-        for batch in train_loader:
-            x, real = make_input(batch, size)
-            with watch:
-                losses = train_step(g, d, opt_g, opt_d, scaler, x, real, variant)
-            watch.count(1, len(real))
-            history.log(watch.iterations, lr=lr, **losses)
-            bar.update()
-            bar.set_postfix(G=f"{losses['G/total']:.2f}", D=f"{losses['D/loss']:.3f}")
-        if (epoch + 1) % SNAPSHOT_EVERY == 0 or epoch + 1 == n_epochs:
-            g.eval()
-            with torch.no_grad():
-                log["snapshots"][watch.iterations] = g(make_input(preview, size)[0][:SNAPSHOT_IMAGES]).float().cpu()
-        history.flush()
-        save_checkpoint(path, {"G": g, "D": d, "opt_g": opt_g, "opt_d": opt_d}, step=watch.iterations, config=config,
-                        extra={"epoch": epoch + 1, "history": history.state_dict(), "snapshots": log["snapshots"],
-                               "watch": {k: getattr(watch, k) for k in ("seconds", "iterations", "images")}})
-    bar.close()
-    if stage == "local":
-        g.freeze_global(False)
-    return True
-
-
-def run_variant(key: str, stop_after: int | None = None) -> dict:
-    """Train (or resume, or just load) every stage of a variant; returns G, D, history, stopwatch and snapshots."""
+def run_variant(key: str, stop_after: int | None = None) -> Trained:
+    """Train, resume or just load variant `key` from RUN_DIR (every variant starts from SEED)."""
     seed_everything(SEED)
-    log = {"history": History(RUN / "tensorboard" / key), "watch": Stopwatch(), "snapshots": {}}
-    g, d = None, build_discriminator().to(DEVICE)
-    for stage, size, epochs, fix in stage_plan(VARIANTS[key]):
-        trained_g1 = g
-        g = build_generator(stage == "local").to(DEVICE)
-        if trained_g1 is not None:
-            g.load_global(trained_g1)
-        if not train_stage(key, stage, size, epochs, fix, g, d, log, stop_after):
-            return {**log, "G": g, "D": d, "complete": False}
-    return {**log, "G": g, "D": d, "complete": True}
+    variant = VARIANTS[key]
+    setup = replace(BASE_SETUP, lambda_feat=variant["lambda_feat"],
+                    lambda_vgg=variant["lambda_vgg"])
+    return train_variant(key, plan_for(variant), build_generator, build_discriminator(), setup,
+                         RUN_DIR, {**CONFIG, "variant": key}, stop_after)
 
 # %%
 if in_colab():
-    get_ipython().run_line_magic("load_ext", "tensorboard")
-    get_ipython().run_line_magic("tensorboard", f"--logdir {RUN / 'tensorboard'}")
+    %load_ext tensorboard
+    %tensorboard --logdir {RUN_DIR / "tensorboard"}
+if DEVICE.type == "cuda":
+    torch.cuda.reset_peak_memory_stats(DEVICE)
 
 interrupted = run_variant(MAIN_VARIANT, stop_after=INTERRUPT_AFTER_EPOCHS)
-main = run_variant(MAIN_VARIANT)  # resumes from the checkpoint the interrupted run left
-assert main["complete"]
-steps, _ = main["history"].series("G/total")
+main = run_variant(MAIN_VARIANT)  # a fresh start: resumes from the interrupted run's checkpoint
+assert not interrupted.complete and main.complete
+assert interrupted.stopwatch.iterations == INTERRUPT_AFTER_EPOCHS * len(train_loader)
+steps, _ = main.history.series("G/total")
 assert steps == list(range(1, len(steps) + 1)), "the resumed history must continue without gaps"
-assert main["watch"].iterations == (sum(GLOBAL_EPOCHS) + sum(LOCAL_EPOCHS)) * len(train_loader)
-print(f"main run: {main['watch'].iterations} iterations in {main['watch'].seconds:.1f} s "
-      f"({main['watch'].seconds / main['watch'].iterations:.2f} s/iteration), "
-      f"peak memory {peak_memory_mb(DEVICE):,.0f} MiB ({'GPU allocator' if DEVICE.type == 'cuda' else 'process RSS'})")
+assert main.stopwatch.iterations == (sum(GLOBAL_EPOCHS) + sum(LOCAL_EPOCHS)) * len(train_loader)
+MAIN_PEAK_MB = peak_memory_mb(DEVICE) if DEVICE.type == "cuda" else None
+seconds_per_iteration = main.stopwatch.seconds / main.stopwatch.iterations
+print(f"main run: {main.stopwatch.iterations} iterations in {main.stopwatch.seconds:.1f} s "
+      f"({seconds_per_iteration:.2f} s/iteration, data loading included)")
+if MAIN_PEAK_MB is None:
+    print("peak GPU memory: not measured (no GPU here)")
+else:
+    print(f"peak GPU memory of the main run: {MAIN_PEAK_MB:,.0f} MiB (CUDA allocator)")
+    if not SMOKE:  # section 1's claim: the Colab configuration fits a T4 (14.6 GiB usable)
+        assert MAIN_PEAK_MB < 14.5 * 1024, f"{MAIN_PEAK_MB:,.0f} MiB would not fit a T4"
 
 # %%
-smooth = max(1, main["watch"].iterations // 60)  # moving average over ~1/60 of the run
-plot_losses(main["history"], ["G/total", "G/gan", "G/fm", "G/vgg"], "Generator loss terms (main run)",
-            RUN / "losses_generator.png", smooth=smooth)
-plot_losses(main["history"], ["D/loss"], "Discriminator LSGAN loss (main run)", RUN / "losses_discriminator.png",
-            smooth=smooth)
-plot_losses(main["history"], ["lr"], "Learning rate: constant, then linear decay, per stage",
-            RUN / "learning_rate.png", ylabel="learning rate")
-lrs = main["history"].series("lr")[1]
+smooth = max(1, main.stopwatch.iterations // 60)  # moving average over ~1/60 of the run
+plot_losses(main.history, ["G/total", "G/gan", "G/fm", "G/vgg"], "Generator loss terms (main run)",
+            RUN_DIR / "losses_generator.png", smooth=smooth)
+plot_losses(main.history, ["D/loss"], "Discriminator LSGAN loss (main run)",
+            RUN_DIR / "losses_discriminator.png", smooth=smooth)
+plot_losses(main.history, ["lr"], "Learning rate: constant, then linear decay, per stage",
+            RUN_DIR / "learning_rate.png", ylabel="learning rate")
+lrs = main.history.series("lr")[1]
 assert lrs[0] == LR and min(lrs) < LR  # the decay happened
-show_over_iterations(main["snapshots"], "Held-out label maps through training (stage 1 at half size, then stage 2)",
-                     RUN / "samples_over_iterations.png", nrow=2)
+show_over_iterations(main.progress.snapshots, "Held-out label maps through training (stage 1 at "
+                     "half size, then stage 2)", RUN_DIR / "samples_over_iterations.png", nrow=2)
 
 # %% [markdown]
-# ## 6. Evaluation on held-out pairs
+# ## 7. Evaluation on held-out pairs
 #
-# PSNR ($10\log_{10}\frac{2^2}{\text{MSE}}$ for images in $[-1,1]$, dB, higher is better) and SSIM (11×11 Gaussian
-# window, 1 is identical) compare each output with its real photo, pixel by pixel. A conditional GAN is not trying to
-# reproduce the exact photo (many facades fit one label map), so these numbers reward blurry averages as much as
-# realism; LPIPS (a learned perceptual distance, lower is better) is added where its AlexNet weights load.
+# PSNR ($10\log_{10}\frac{1}{\text{MSE}}$, dB, higher is better) and SSIM (Wang et al. 2004: 11×11 Gaussian window,
+# 1 is identical) compare each output with its real photo, pixel by pixel, on images mapped from $[-1, 1]$ to
+# $[0, 1]$: SSIM's luminance term $\frac{2\mu_x\mu_y + C_1}{\mu_x^2 + \mu_y^2 + C_1}$ is not shift-invariant, so on
+# $[-1, 1]$ a mid-grey wall ($\mu \approx 0$) against the same wall 5 % brighter would score 0.04 instead of 0.995.
+# A conditional GAN is not trying to reproduce the exact photo (many facades fit one label map), so these numbers
+# reward blurry averages as much as realism; LPIPS (a learned perceptual distance, lower is better) is added where
+# its AlexNet weights load.
 
 # %%
 def load_lpips():
@@ -560,37 +523,38 @@ if LPIPS_NOTE:
 
 
 @torch.no_grad()
-def evaluate(g) -> dict[str, float]:
-    """Mean PSNR, SSIM (and LPIPS) of G's outputs against the held-out photos at full size."""
+def evaluate(g: nn.Module) -> dict[str, float]:
+    """Mean PSNR, SSIM (on [0, 1]) and LPIPS of G's outputs against the held-out photos."""
     g.eval()
     scores = {"PSNR (dB)": [], "SSIM": [], "LPIPS": []}
     for batch in test_loader:
-        x, real = make_input(batch, IMAGE_SIZE)
-        fake = g(x).float().clamp(-1, 1)
-        scores["PSNR (dB)"] += psnr(fake, real).tolist()
-        scores["SSIM"] += ssim(fake, real).tolist()
+        x, real = encode(batch, IMAGE_SIZE)
+        fake = g(FAST.tensor(x)).float().clamp(-1, 1)
+        fake01, real01 = (fake + 1) / 2, (real + 1) / 2
+        scores["PSNR (dB)"] += psnr(fake01, real01).tolist()
+        scores["SSIM"] += ssim(fake01, real01).tolist()
         if LPIPS_MODEL is not None:
             scores["LPIPS"] += [LPIPS_MODEL(f[None], r[None]).item() for f, r in zip(fake, real)]
     return {name: sum(v) / len(v) for name, v in scores.items() if v}
 
-
+# %%
 @torch.no_grad()
-def outputs_for(g, batch: dict) -> torch.Tensor:
-    """G's images for a batch of maps."""
+def outputs_for(g: nn.Module, batch: dict) -> torch.Tensor:
+    """G's images (on the CPU) for a batch of maps."""
     g.eval()
-    return g(make_input(batch, IMAGE_SIZE)[0]).float().cpu()
+    return g(FAST.tensor(encode(batch, IMAGE_SIZE)[0])).float().cpu()
 
 
-main["scores"] = evaluate(main["G"])
-print({k: round(v, 4) for k, v in main["scores"].items()})
-assert all(math.isfinite(v) for v in main["scores"].values())
-fig = show_rows({"input": input_picture(preview),
-                 "output G(s)": outputs_for(main["G"], preview), "target photo": preview["image"]},
-                f"{VARIANTS[MAIN_VARIANT]['title']}: input | output | target (held-out)", RUN / "input_output_target.png",
-                xlabel="held-out example")
+scores = {MAIN_VARIANT: evaluate(main.G)}
+print({k: round(v, 4) for k, v in scores[MAIN_VARIANT].items()})
+assert all(math.isfinite(v) for v in scores[MAIN_VARIANT].values())
+fig = show_rows({"input": input_picture(preview), "output G(s)": outputs_for(main.G, preview),
+                 "target photo": preview["image"]},
+                f"{VARIANTS[MAIN_VARIANT]['title']}: input | output | target (held-out)",
+                RUN_DIR / "input_output_target.png", xlabel="held-out example")
 
 # %% [markdown]
-# ## 7. Ablation at the same budget
+# ## 8. Ablation at the same budget
 #
 # Same data, same number of epochs (so the same number of generator updates), same seed:
 # * **G1 + G2, GAN + FM + VGG**: the main run above.
@@ -599,38 +563,41 @@ fig = show_rows({"input": input_picture(preview),
 # * **G1 + G2, GAN only**: $\lambda_\text{feat} = \lambda_\text{VGG} = 0$, the LSGAN term alone.
 #
 # In smoke mode each variant trains for a handful of iterations: the table only proves the code path, its numbers
-# mean nothing. Measured results of a longer offline run are in the next section.
+# mean nothing. Measured results of a longer (still smoke-sized) offline run follow the table.
 
 # %%
 results = {MAIN_VARIANT: main}
 for key in VARIANTS:
     if key not in results:
         results[key] = run_variant(key)
-        results[key]["scores"] = evaluate(results[key]["G"])
+        scores[key] = evaluate(results[key].G)
 ablation = pd.DataFrame([
-    {"variant": VARIANTS[k]["title"], **{m: round(v, 4) for m, v in r["scores"].items()},
-     "G params": count_parameters(r["G"]), "iterations": r["watch"].iterations,
-     "train s": round(r["watch"].seconds, 1)}
+    {"variant": VARIANTS[k]["title"], **{m: round(v, 4) for m, v in scores[k].items()},
+     "G params": count_parameters(r.G), "iterations": r.stopwatch.iterations,
+     "train s": round(r.stopwatch.seconds, 1)}
     for k, r in results.items()
 ]).set_index("variant")
 display(ablation)
-(RUN / "ablation.txt").write_text(ablation.to_string() + "\n")
-assert len({r["watch"].iterations for r in results.values()}) == 1, "every variant gets the same budget"
+(RUN_DIR / "ablation.txt").write_text(ablation.to_string() + "\n")
+budgets = {r.stopwatch.iterations for r in results.values()}
+assert len(budgets) == 1, f"every variant gets the same budget, got {budgets} iterations"
 fig = show_rows({"input": input_picture(preview),
-                 **{VARIANTS[k]["title"]: outputs_for(r["G"], preview) for k, r in results.items()},
+                 **{VARIANTS[k]["title"]: outputs_for(r.G, preview) for k, r in results.items()},
                  "target photo": preview["image"]}, "Ablation on held-out label maps (same budget)",
-                RUN / "ablation_grid.png", xlabel="held-out example")
+                RUN_DIR / "ablation_grid.png", xlabel="held-out example")
 
 # %% [markdown]
-# ### Measured offline results (CPU, procedural data, random-weight VGG)
+# ### Measured offline results: smoke-sized, not the meaningful ablation
 #
-# *Measured outside CI on 2026-11-23, on the 2-core CPU of the build machine, which four other jobs were sharing
-# (times are inflated and uneven). Toy-street data and a random-weight VGG19 (no ImageNet weights offline): the
-# numbers compare the variants with one another, nothing more.* Command (smoke architecture, more data):
+# *Measured outside CI on 2026-11-24 on the 2-core CPU of the build machine, shared with other jobs (load average
+# 4.8 to 5.9 on 2 cores, so the times are inflated), with the smoke architecture and a random-weight VGG19 (no
+# ImageNet weights offline); SSIM on [0, 1]. The numbers compare the variants with one another at a toy size and
+# one seed, nothing more: the meaningful ablation (procedural set at 128 px or more, full-mode width ratios, long
+# enough that the order holds over two seeds) needs a GPU and has not been run.* Command (8 min 10 s):
 #
 # ```
 # SMOKE=1 PIX2PIXHD_N_TRAIN=256 PIX2PIXHD_N_TEST=64 DATA_DIR=data RUN_DIR=/tmp/p2p/offline MPLBACKEND=Agg \
-#   python tools/execute.py notebooks/05_pix2pixhd.ipynb /tmp/p2p/offline.out.ipynb
+#   OMP_NUM_THREADS=1 python tools/execute.py notebooks/05_pix2pixhd.ipynb /tmp/p2p/offline.out.ipynb
 # ```
 #
 # G2 width 4, G1 width 8 with 3 downsamplings and 2 + 1 residual blocks, D width 8 × 3 scales, 32×32 images,
@@ -638,48 +605,103 @@ fig = show_rows({"input": input_picture(preview),
 #
 # | variant (same budget) | PSNR (dB) ↑ | SSIM ↑ | G parameters | training time (s) |
 # |---|---|---|---|---|
-# | G1 + G2, GAN + FM + VGG | **16.93** | **0.395** | 202,739 | 422 |
-# | G1 only, GAN + FM + VGG | 14.99 | 0.265 | 200,195 | 421 |
-# | G1 + G2, GAN only | 16.78 | 0.346 | 202,739 | 18 |
+# | G1 + G2, GAN + FM + VGG | **17.52** | **0.519** | 202,739 | 195 |
+# | G1 only, GAN + FM + VGG | 14.86 | 0.319 | 200,195 | 210 |
+# | G1 + G2, GAN only | 16.71 | 0.431 | 202,739 | 62 |
 #
-# At this budget the local enhancer with the two-stage schedule matters most (+1.9 dB, +0.13 SSIM over G1 trained
-# directly at full size, whose outputs stay noisy and checkered); dropping feature matching and the VGG term costs
-# 0.05 SSIM and 0.15 dB (here feature matching does the work: a random-weight VGG gives a small, uninformative loss).
-# One seed and tiny models: differences of a few tenths of a dB are within run-to-run noise. The times are not
-# comparable across rows: the machine's load changed during the run, and the GAN-only variant skips VGG19, the most
-# expensive part of an iteration at this size.
-#
-# **CPU speed of the Colab configuration** (the same run, `helpers.pix2pixhd` models + the training step above):
-# one iteration of G1 + G2 (G2 width 16, 9 + 3 residual blocks, 45.7 M parameters), the 3-scale D (width 64,
-# 8.3 M) and VGG19 at 256×256, batch 4, fp32, took **3.7 to 5.4 s** on this CPU (2 threads, load ≈ 1.3) and 22 to
-# 27 s while five jobs shared its two cores; stage 1 (G1 alone at 128×128, batch 4) took about 1.1 s.
+# At this toy budget the local enhancer with the two-stage schedule matters most (+2.7 dB, +0.20 SSIM over G1
+# trained directly at full size, whose outputs stay noisy and checkered); dropping feature matching and the VGG term
+# costs 0.8 dB and 0.09 SSIM (with a random-weight VGG, feature matching does most of that work). One seed and tiny
+# models: small differences are within run-to-run noise. The GAN-only variant trains 3× faster here because it
+# skips VGG19, the most expensive part of an iteration at this size. (The SSIM this table replaced was computed on
+# $[-1, 1]$; on the same outputs it read 0.435, 0.256 and 0.355.)
 
 # %% [markdown]
-# ## 8. Reload the weights and generate
+# ## 9. Speed: the plain step and the fast path
+#
+# The same step timed side by side (`time_per_step`: warm-up first, then synchronised timing) at this run's full
+# size: the plain eager fp32 step a student would write, and the fast path this device gets. `make bench`
+# (`tools/bench_pix2pixhd.py`) does the same at the official configuration (1024×512, official widths), one row
+# per option. On a CPU the fast path *is* the eager step, so there is one row.
+
+# %%
+def step_to_time(fast: FastPath) -> Callable[[], object]:
+    """One training step of fresh main-configuration models at full size with the options `fast`."""
+    seed_everything(SEED)
+    G, D = fast.prepare(build_generator("local")), fast.prepare(build_discriminator())
+    opt_g, opt_d = fast.adam(G.parameters(), LR, BETAS), fast.adam(D.parameters(), LR, BETAS)
+    scaler = fast.grad_scaler(DEVICE)
+    x, real = (fast.tensor(t) for t in encode(next(iter(train_loader)), IMAGE_SIZE))
+    return lambda: pix2pixhd_train_step(G, D, vgg, opt_g, opt_d, scaler, x, real, LAMBDA_FEAT,
+                                        LAMBDA_VGG, fast.amp_dtype)
+
+
+paths = {"eager fp32": FastPath()}
+if FAST != FastPath():
+    paths[f"fast path: {FAST.describe()}"] = FAST
+timings = {name: time_per_step(step_to_time(fast), DEVICE, TIMED_STEPS, warmup=1 if SMOKE else 5)
+           for name, fast in paths.items()}
+for name, t in timings.items():
+    memory = f", peak {t['peak_memory_mb']:,.0f} MiB" if t["peak_memory_mb"] is not None else ""
+    print(f"{name}: {t['ms_per_step']:,.1f} ms/step ({t['it_per_s']:.2f} steps/s{memory})")
+if DEVICE.type == "cuda" and not SMOKE and len(timings) == 2:  # the claim: the fast path pays
+    eager_ms, fast_ms = (t["ms_per_step"] for t in timings.values())
+    assert fast_ms < eager_ms, f"fast path {fast_ms:.1f} ms/step, eager {eager_ms:.1f} ms/step"
+
+# %% [markdown]
+# ## 10. Reload the weights and generate
 #
 # A fresh generator, built from the parameters cell, loads the last checkpoint of the main run and must give the
 # same images as the trained one.
 
 # %%
-final_checkpoint = RUN / "checkpoints" / f"{MAIN_VARIANT}_local.pt"
-fresh_g, fresh_d = build_generator(True).to(DEVICE), build_discriminator().to(DEVICE)
-info = load_checkpoint(final_checkpoint, {"G": fresh_g, "D": fresh_d}, map_location=DEVICE, restore_rng=False)
+final_checkpoint = RUN_DIR / "checkpoints" / f"{MAIN_VARIANT}_local.pt"
+fresh_g = build_generator("local")
+info = load_checkpoint(final_checkpoint, {"G": fresh_g}, map_location=DEVICE, restore_rng=False)
 reloaded = outputs_for(fresh_g, preview)
-assert torch.equal(reloaded, outputs_for(main["G"], preview)), "the reloaded generator must match the trained one"
-print(f"reloaded '{final_checkpoint.name}' (iteration {info['step']}, epoch {info['extra']['epoch']}): outputs match")
-show_grid(torch.cat([input_picture(preview), reloaded]), "Reloaded generator: label maps "
-          "(top) and its images (bottom)", RUN / "reloaded_samples.png", nrow=len(reloaded))
+assert torch.equal(reloaded, outputs_for(main.G, preview)), "reloaded G differs from the trained G"
+print(f"reloaded '{final_checkpoint.name}' (iteration {info['step']}): outputs match")
+show_grid(torch.cat([input_picture(preview), reloaded]), "Reloaded generator: label maps (top) and "
+          "its images (bottom)", RUN_DIR / "reloaded_samples.png", nrow=len(reloaded))
+
+# %% [markdown]
+# ## 11. Metrics
+# Everything above lands in `metrics.json`: quality per variant, training time and throughput, the step timings,
+# the measured peak GPU memory (none on a CPU) and the stand-ins this run used.
 
 # %%
-total_iterations = sum(r["watch"].iterations for r in results.values())
-total_seconds = sum(r["watch"].seconds for r in results.values())
+total_iterations = sum(r.stopwatch.iterations for r in results.values())
+total_seconds = sum(r.stopwatch.seconds for r in results.values())
 metrics_path = write_metrics(
-    RUN, "05_pix2pixhd", SMOKE, DEVICE, iterations=total_iterations, seconds=total_seconds,
+    RUN_DIR, NOTEBOOK, SMOKE, DEVICE, iterations=total_iterations, seconds=total_seconds,
     throughput={"it_per_s": total_iterations / total_seconds,
-                "img_per_s": sum(r["watch"].images for r in results.values()) / total_seconds},
-    quality={k: r["scores"] for k, r in results.items()}, stand_ins=STAND_INS,
-    dataset=DATASET, image_size=IMAGE_SIZE, parameters_official=OFFICIAL_PARAMS, parameters_this_run=RUN_PARAMS,
-    colab_memory_estimate_gb=round(MEMORY_ESTIMATE_GB, 2), seconds_per_iteration_main=main["watch"].seconds /
-    main["watch"].iterations,
+                "img_per_s": sum(r.stopwatch.images for r in results.values()) / total_seconds},
+    quality=scores, stand_ins=STAND_INS, dataset=DATASET, image_size=IMAGE_SIZE,
+    parameters_official=OFFICIAL_PARAMS, parameters_this_run=RUN_PARAMS, fast_path=FAST.describe(),
+    step_timings=timings, main_run_peak_gpu_mb=MAIN_PEAK_MB,
+    seconds_per_iteration_main=main.stopwatch.seconds / main.stopwatch.iterations,
 )
 print(metrics_path.read_text())
+
+# %% [markdown]
+# ## What to take away
+# * Pix2PixHD is a conditional GAN made of plain parts: residual generators with instance norm, a coarse-to-fine
+#   split (the global generator sees the half-size map, the local enhancer adds full-resolution detail), and three
+#   PatchGANs that judge realism at three scales.
+# * Its generator loss is mostly *not* adversarial: feature matching in the discriminators' layers and the VGG
+#   perceptual loss carry the content, the LSGAN term the realism. Compare the loss terms' sizes in the plot.
+# * Training in stages (G1 first, G1 frozen while G2 starts, then jointly with a fresh Adam) is ordinary code: a
+#   plan of stages, one checkpoint per epoch, and a resume that continues exactly where it stopped.
+# * Pixel metrics (PSNR, SSIM) reward the average photo for a map; compute SSIM on [0, 1] images, or it is wrong.
+# * A speed option is a hypothesis until the step is timed beside the plain one (section 9, `make bench`), and
+#   checked: with channels-last tensors, torch's CPU InstanceNorm returns wrong gradients at batch 1 (a unit test
+#   shows it), which is why the fast path here leaves channels-last off.
+
+# %% [markdown]
+# ## What to try next
+# * Train the main variant at the official widths (`NGF_LOCAL = 32`, `NDF = 64`) on a larger GPU, or at 512×512.
+# * `DATASET = "procedural_sketch"`: the same scenes as black-on-white sketches (`label_nc = 0`, RGB input).
+# * Change `FIX_GLOBAL_EPOCHS` (0: no frozen phase) and compare the held-out SSIM and the samples over iterations.
+# * Replace instance norm by group norm in the cells of section 4 and compare quality and speed.
+# * Set `COMPILE = True` on a GPU and compare the two rows of section 9 (and `make bench`'s table).
+# * Add the paper's instance-wise feature encoder (section 3.4 of the paper) for multi-modal outputs.

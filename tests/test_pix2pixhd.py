@@ -194,31 +194,48 @@ def test_cmp_facades_download_reuses_a_copy_and_explains_failures(tmp_path):
         download_cmp_facades(tmp_path / "empty", url="http://127.0.0.1:9/none.zip")
 
 
-def test_psnr_and_ssim_by_hand():
-    real = torch.zeros(2, 3, 16, 16)
+def test_psnr_by_hand_on_unit_range_images():
+    real = torch.full((2, 3, 16, 16), 0.5)
     fake = real.clone()
-    fake[0] += 0.2  # MSE 0.04 on range 2: 10*log10(4 / 0.04) = 20 dB
-    fake[1] += 0.02  # MSE 0.0004: 40 dB
+    fake[0] += 0.1  # MSE 0.01 on range 1: 10*log10(1 / 0.01) = 20 dB
+    fake[1] += 0.01  # MSE 0.0001: 40 dB
     assert torch.allclose(psnr(fake, real), torch.tensor([20.0, 40.0]))
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
-    assert torch.allclose(ssim(x, x), torch.ones(1))
-    assert torch.allclose(ssim(x, -x), ssim(-x, x))
-    # a constant shift c keeps the structure and contrast terms at 1; the luminance term is
-    # (2*mu*(mu+c) + C1) / (mu^2 + (mu+c)^2 + C1) with mu = 0, c = 1, C1 = (0.01*2)^2: 0.0004 / 1.0004
-    assert torch.allclose(ssim(torch.ones(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)), torch.tensor([0.0004 / 1.0004]),
-                          atol=1e-6)
     with pytest.raises(ValueError, match="same shape"):
         psnr(real, real[:1])
+
+
+def test_ssim_of_a_grey_wall_and_the_same_wall_5_percent_brighter():
+    # Constant images: the contrast-structure term is (0 + C2) / (0 + C2) = 1, so SSIM is the luminance term
+    # (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1), C1 = (0.01 * 1)^2: (0.55 + 1e-4) / (0.25 + 0.3025 + 1e-4).
+    # On [-1, 1] with range 2 the same pair (0 vs 0.1) gave 4e-4 / 0.0104 = 0.038: the defect of issue 10.1.
+    wall, brighter = torch.full((1, 3, 16, 16), 0.5), torch.full((1, 3, 16, 16), 0.55)
+    assert ssim(wall, brighter).item() == pytest.approx(0.5501 / 0.5526, abs=1e-4)  # float32 blur
+    assert ssim(wall, brighter).item() > 0.99
+
+
+def test_ssim_properties_and_errors():
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.allclose(ssim(x, x), torch.ones(1))
+    assert torch.allclose(ssim(x, 1 - x), ssim(1 - x, x))
+    real = torch.zeros(1, 3, 8, 8)
     with pytest.raises(ValueError, match="at least 11x11"):
-        ssim(real[:, :, :8, :8], real[:, :, :8, :8])
+        ssim(real, real)
+    message = r"SSIM takes images in \[0, 1\], got values in \[-1.00, -1.00\].*\(x \+ 1\) / 2"
+    with pytest.raises(ValueError, match=message):
+        ssim(torch.full((1, 3, 16, 16), -1.0), torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"PSNR takes images in \[0, 1\]"):
+        psnr(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 2.0))
 
 
-def test_ssim_agrees_with_torchmetrics():
-    from torchmetrics.functional.image import structural_similarity_index_measure
+def test_psnr_and_ssim_agree_with_torchmetrics_on_unit_range_images():
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     torch.manual_seed(0)
-    a, b = torch.rand(3, 3, 32, 40) * 2 - 1, torch.rand(3, 3, 32, 40) * 2 - 1
-    b = (a + 0.5 * b).clamp(-1, 1)
+    a = torch.rand(3, 3, 32, 40)
+    b = (a + 0.25 * torch.randn(3, 3, 32, 40)).clamp(0, 1)
+    b[0] = 0.3 + 0.4 * b[0]  # one pair with shifted means, where the luminance term matters
     # torchmetrics pads by reflection (5 px for the 11x11 window); its map without that border is our valid region
-    _, full_map = structural_similarity_index_measure(a, b, data_range=2.0, reduction="none", return_full_image=True)
+    _, full_map = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none", return_full_image=True)
     assert torch.allclose(ssim(a, b), full_map[..., 5:-5, 5:-5].flatten(1).mean(1), atol=1e-5)
+    expected_psnr = torch.stack([peak_signal_noise_ratio(f, r, data_range=1.0) for f, r in zip(a, b)])
+    assert torch.allclose(psnr(a, b), expected_psnr, atol=1e-4)
