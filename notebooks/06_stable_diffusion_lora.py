@@ -13,15 +13,15 @@
 #
 # **Run time.** Colab T4, full mode: *not measured yet*; 45–65 min, derived as follows. Training, 300 steps of
 # 2 × 2 images at 512 px: the review session measured the UNet part of this step at 3.29 steps/s on an H100
-# (fp16, no gradient checkpointing, which a T4 does not need); the VAE encoding of the 4 images adds 66 % (FLOPs
-# counted by `tools/bench_sd_lora.py`: 11.4 TFLOP per step, 6.9 of them in the UNet); a T4 is taken to be 10.5–15.2×
-# slower than an H100 SXM (published fp16 memory bandwidth and tensor-core peak: 0.32 vs 3.35 TB/s, 65 vs 989
-# TFLOP/s), so 5.3–7.7 s per step, 27–39 min for 300 steps (training stops at `TIME_LIMIT_MIN` = 40 min in any
-# case). The 37 generated images (25 steps each) and the 10 timed QLoRA steps, scaled the same way from their
-# FLOPs, take 14–20 min, plus 3.6 GB of downloads (fp16 model 2.1 GB, dataset 0.7 GB, CLIP 0.6 GB, bitsandbytes).
-# The scaling is probably pessimistic: the H100 ran this step at about 2 % of its fp16 peak, bound by per-kernel
-# overhead that does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded):
-# SMOKE_TIME_TBD.
+# (fp16, no gradient checkpointing, which a T4 does not need either); the VAE encoding of the 4 images and the
+# text encoder add 66 % (FLOPs counted by `tools/bench_sd_lora.py`: 11.4 TFLOP per step, 6.86 of them in the
+# UNet); a T4 is taken to be 10.5–15.2× slower than an H100 SXM (the published fp16 memory bandwidth and
+# tensor-core peak: 0.32 vs 3.35 TB/s, 65 vs 989 TFLOP/s), so 5.3–7.7 s per step, 26–38 min for 300 steps
+# (training stops at `TIME_LIMIT_MIN` = 40 min in any case). The 37 generated images (25 steps each), the 25
+# steps the resume check trains again and the 12 QLoRA steps, scaled the same way from their FLOPs: 16–23 min.
+# Downloads: 3.6 GB (fp16 model 2.1 GB, dataset 0.7 GB, CLIP 0.6 GB, bitsandbytes), not timed. The scaling is
+# probably pessimistic: the H100 ran this step at about 2 % of its fp16 peak, bound by per-kernel overhead that
+# does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded): SMOKE_TIME_TBD.
 #
 # This is the "Stable Diffusion" part of seed 004 (text-to-image with a latent diffusion model, with the optional
 # PEFT: LoRA, QLoRA).
@@ -109,7 +109,7 @@ MAX_GRAD_NORM = 1.0
 SNR_GAMMA = 5.0                          # min-SNR weighting; None = plain MSE (the script's)
 BATCH_SIZE = 1 if SMOKE else 2               # images per micro-batch (per GPU)
 GRAD_ACCUM = 2                               # micro-batches per optimizer step
-TRAIN_STEPS = 4 if SMOKE else 300        # optimizer steps: 27-39 min on a T4 (derived: see the top)
+TRAIN_STEPS = 4 if SMOKE else 300        # optimizer steps: 26-38 min on a T4 (derived: see the top)
 TIME_LIMIT_MIN = math.inf if SMOKE else 40  # training stops here, checkpointed; re-run to go on
 CHECKPOINT_EVERY = 2 if SMOKE else 25        # steps between checkpoints
 KEEP_CHECKPOINTS = 2                     # only the newest are kept (the resume check needs 2)

@@ -1,5 +1,6 @@
 """helpers/sd_lora.py (notebook 06): tiny offline components, LoRA counts and adapters, captioned images, errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -417,3 +418,40 @@ def test_clip_score_with_tiny_stand_in(tmp_path):
     score = clip_score(model, tokenizer, torch.rand(2, 3, 40, 40), ["a red circle", "a blue square"])
     assert 0 <= score <= 100
 
+
+
+# --- tools/bench_sd_lora.py: the timed variants and the T4 estimate in the notebook's header ------
+
+
+def _bench():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import bench_sd_lora
+
+    return bench_sd_lora
+
+
+def test_t4_estimate_in_the_header_comes_from_the_flop_count():
+    bench = _bench()
+    flops = bench.full_mode_tflop()
+    # SD 1.5 UNet: 0.80 TFLOP forward per 512 px image; the step is 2 x (UNet forward + LoRA backward on 2 images,
+    # VAE encoding of 2 images, text encoder)
+    assert round(flops["train_step_unet"], 2) == 6.86 and round(flops["train_step"], 1) == 11.4
+    estimate = bench.t4_estimate(flops)
+    steps = tuple(round(s, 1) for s in estimate["train_step"])
+    training = tuple(round(s / 60) for s in estimate["training"])
+    rest = tuple(round(s / 60) for s in estimate["rest"])
+    assert (steps, training, rest) == ((5.3, 7.7), (26, 38), (16, 23))
+    header = (Path(__file__).resolve().parent.parent / "notebooks/06_stable_diffusion_lora.py").read_text()
+    header = " ".join(header.split("# %% SETUP")[0].replace("#", " ").split())
+    for quoted in ("5.3–7.7 s per step", "26–38 min for 300 steps", "16–23 min", "11.4 TFLOP per step"):
+        assert quoted in header, quoted
+
+
+def test_bench_rows_on_cpu():
+    rows = _bench().run(torch.device("cpu"), reduced=True)
+    assert [r["baseline"] for r in rows] == [True, False, False, False]
+    timed, unavailable = rows[:2], rows[2:]
+    assert all(r["ms_per_step"] > 0 and r["peak_memory_mb"] is None for r in timed)  # CPU: no GPU memory
+    assert all(r["ms_per_step"] is None and r["note"].startswith("unavailable: QLoRA needs") for r in unavailable)
