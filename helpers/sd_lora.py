@@ -474,7 +474,8 @@ def qlora_unavailable_reason() -> str | None:
                 "'No GPU found' otherwise). Run this notebook on a GPU runtime (Colab: Runtime > Change runtime type > T4)")
     import importlib.util
     if importlib.util.find_spec("bitsandbytes") is None:
-        return "QLoRA needs bitsandbytes: `pip install bitsandbytes` (it is in requirements-colab.txt), then restart"
+        return ("QLoRA needs bitsandbytes (notebook 06 installs it where a CUDA GPU is present): "
+                "`pip install bitsandbytes`, then restart the runtime and run the notebook again")
     return None
 
 

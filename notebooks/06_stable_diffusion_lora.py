@@ -21,7 +21,8 @@
 # steps the resume check trains again and the 12 QLoRA steps, scaled the same way from their FLOPs: 16–23 min.
 # Downloads: 3.6 GB (fp16 model 2.1 GB, dataset 0.7 GB, CLIP 0.6 GB, bitsandbytes), not timed. The scaling is
 # probably pessimistic: the H100 ran this step at about 2 % of its fp16 peak, bound by per-kernel overhead that
-# does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded): SMOKE_TIME_TBD.
+# does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded): 26–35 s,
+# measured on 2 shared CPU cores at load 5–7, with the newest packages and with Colab's versions.
 #
 # This is the "Stable Diffusion" part of seed 004 (text-to-image with a latent diffusion model, with the optional
 # PEFT: LoRA, QLoRA).
@@ -31,9 +32,19 @@
 # %% [markdown]
 # ## 1. Parameters
 #
-# Every knob is in the second cell below, the full value beside the smaller one smoke mode (CI) uses. The LoRA
-# settings are those of diffusers' `train_text_to_image_lora.py`; where this notebook departs from them, the
-# comment says so.
+# Every knob is in the parameters cell below the imports, the full value beside the smaller one smoke mode
+# (CI) uses. The LoRA settings are those of diffusers' `train_text_to_image_lora.py`; where this notebook
+# departs from them, the comment says so.
+
+# %%
+# QLoRA (section 10) needs bitsandbytes, which Colab lacks and only a CUDA GPU can use. diffusers
+# and peft look for it once, when imported: so it is installed here, before them, with a GPU only.
+import importlib.util
+
+import torch
+
+if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is None:
+    %pip install -q bitsandbytes
 
 # %%
 import dataclasses
@@ -48,7 +59,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
-import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
