@@ -478,7 +478,7 @@ plan = LoraPlan(TRAIN_STEPS, BATCH_SIZE, GRAD_ACCUM, SEED, SNR_GAMMA, MAX_GRAD_N
 
 def snapshot() -> Tensor:
     """The first prompt at the first seed as uint8: the 'samples over training' figure."""
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # the prepared UNet returns fp32 latents
         return (images_of(pipe, PROMPTS[:1], SEEDS[:1]) * 255).round().to(torch.uint8)
 
 

@@ -112,16 +112,12 @@ def _accelerator(mixed_precision: str, device: torch.device) -> Any:
     return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
 
-def _unet(config: dict, device: torch.device, dtype: torch.dtype, weights_dir: Path | None) -> Any:
-    """A UNet with random weights from `config` (or its 4-bit copy from weights_dir), LoRA attached."""
+def _random_unet(config: dict, device: torch.device, dtype: torch.dtype) -> Any:
+    """A UNet with seeded random weights from `config` (no download)."""
     from diffusers import UNet2DConditionModel
 
-    if weights_dir is not None:
-        unet = sd_lora.load_unet_4bit(str(weights_dir), compute_dtype=dtype)
-    else:
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel.from_config(config).to(device, dtype)
-    return sd_lora.add_lora(unet, RANK, RANK)
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(config).to(device, dtype)
 
 
 def _row(variant: str, baseline: bool, config: dict, timing: dict | None, note: str) -> dict:
@@ -166,12 +162,14 @@ def run(device: torch.device, reduced: bool) -> list[dict]:
             if quantized and qlora_reason:
                 rows.append(_row(variant, False, row_config, None, f"unavailable: {qlora_reason}"))
                 continue
-            if quantized and weights_dir is None:
-                weights_dir = Path(tmp) / "random-sd15"
-                _unet(config, device, torch.float16, None).save_pretrained(weights_dir / "unet")
+            if quantized and weights_dir is None:  # 4-bit loading starts from saved weights
+                weights_dir = Path(tmp) / "random-unet"
+                _random_unet(config, device, torch.float16).save_pretrained(weights_dir / "unet")
             accelerator = _accelerator(precision, device)
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[precision]
-            unet = _unet(config, device, dtype, weights_dir if quantized else None)
+            unet = (sd_lora.load_unet_4bit(str(weights_dir), compute_dtype=dtype) if quantized
+                    else _random_unet(config, device, dtype))
+            unet = sd_lora.add_lora(unet, RANK, RANK)
             if checkpointing:
                 unet.enable_gradient_checkpointing()
             gen = torch.Generator().manual_seed(0)
