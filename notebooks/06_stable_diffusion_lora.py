@@ -233,7 +233,7 @@ print(f"mode: {'smoke' if SMOKE else 'full'} | device: {describe_device(DEVICE)}
 #
 # `StableDiffusionPipeline` bundles the VAE, the CLIP text encoder and tokenizer, the UNet and a scheduler. In
 # full mode it loads the fp16 weight files (`variant="fp16"`, half the download) without the safety checker
-# (`safety_checker=None`: 1.2 GB less; check your images yourself). In smoke mode the same pipeline class is built
+# (`safety_checker=None`: 0.6 GB less; check your images yourself). In smoke mode the same pipeline class is built
 # from tiny configs (the shapes diffusers' own tests use) and saved to a local folder, so the loading code is the
 # one used for the real model.
 
@@ -791,9 +791,10 @@ print(path.read_text())
 # * An adapter is its weights **and** its $\alpha / r$: save the config with it (diffusers' metadata), or a
 #   reload silently scales the update differently.
 # * The training step is the noise-prediction loss of section 6 with gradient accumulation; everything a resume
-#   needs (LoRA weights, AdamW, random generators, history) fits in a 10 MB checkpoint.
+#   needs fits in a checkpoint of about 15 MB (LoRA weights 3.2 MB, AdamW's two moments 6.4 MB, random
+#   generators, history, sample snapshots), not the 1.7 GB UNet.
 # * Gradient checkpointing and 4-bit weights trade speed for memory: turn them on when memory is short, not by
-#   default. On a T4, SD 1.5 LoRA needs neither.
+#   default. On a T4, SD 1.5 LoRA at 512 px needs neither (by the memory estimate of section 7).
 
 # %% [markdown]
 # ## What to try next
