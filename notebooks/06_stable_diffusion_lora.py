@@ -75,9 +75,8 @@ from helpers.metrics import clip_image_embeddings, clip_score
 from helpers.plotting import (plot_losses, save_figure, show_grid, show_image_table,
                               show_over_iterations)
 from helpers.sd_lora import LORA_WEIGHT_FILE, LoraParameters, lora_checkpoints, micro_batch
-from helpers.training import (History, Stopwatch, checkpoints_like, count_parameters,
-                              load_checkpoint, peak_memory_mb, save_checkpoint, time_per_step,
-                              write_metrics)
+from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb,
+                              save_checkpoint, time_per_step, write_metrics)
 
 diffusers_logging.set_verbosity_error()
 transformers_logging.set_verbosity_error()

@@ -414,9 +414,17 @@ def test_clip_score_by_hand():
 
 
 def test_clip_score_with_tiny_stand_in(tmp_path):
+    from helpers.metrics import clip_image_embeddings, clip_text_embeddings
+
     model, tokenizer = sd_lora.load_clip(sd_lora.TINY_MODEL_ID, tmp_path, torch.device("cpu"))
-    score = clip_score(model, tokenizer, torch.rand(2, 3, 40, 40), ["a red circle", "a blue square"])
-    assert 0 <= score <= 100
+    images, captions = torch.rand(2, 3, 40, 40), ["a red circle", "a blue square"]
+    image_embeds, text_embeds = clip_image_embeddings(model, images), clip_text_embeddings(model, tokenizer, captions)
+    assert image_embeds.shape == text_embeds.shape == (2, 32)   # projection_dim of the stand-in
+    # any input size is resized to the model's 32 px: a 32 px copy embeds the same up to resampling
+    small = torch.nn.functional.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False)
+    assert torch.allclose(clip_image_embeddings(model, small.clamp(0, 1)), image_embeds, atol=1e-5)
+    score = clip_score(model, tokenizer, images, captions)
+    assert score == pytest.approx(clip_score_from_embeddings(image_embeds, text_embeds).item())
 
 
 
