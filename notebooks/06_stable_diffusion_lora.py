@@ -21,7 +21,7 @@
 # steps the resume check trains again and the 12 QLoRA steps, scaled the same way from their FLOPs: 16–23 min.
 # Downloads: 3.6 GB (fp16 model 2.1 GB, dataset 0.7 GB, CLIP 0.6 GB, bitsandbytes), not timed. The scaling is
 # probably pessimistic: the H100 ran this step at about 2 % of its fp16 peak, bound by per-kernel overhead that
-# does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded): 17–35 s,
+# does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded): 16–35 s,
 # measured on 2 shared CPU cores at load 5–7, with the newest packages and with Colab's versions.
 #
 # This is the "Stable Diffusion" part of seed 004 (text-to-image with a latent diffusion model, with the optional
