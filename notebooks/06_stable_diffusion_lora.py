@@ -21,7 +21,7 @@
 # steps the resume check trains again and the 12 QLoRA steps, scaled the same way from their FLOPs: 16–23 min.
 # Downloads: 3.6 GB (fp16 model 2.1 GB, dataset 0.7 GB, CLIP 0.6 GB, bitsandbytes), not timed. The scaling is
 # probably pessimistic: the H100 ran this step at about 2 % of its fp16 peak, bound by per-kernel overhead that
-# does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded): 16–35 s,
+# does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded): 15–35 s,
 # measured on 2 shared CPU cores at load 5–7, with the newest packages and with Colab's versions.
 #
 # This is the "Stable Diffusion" part of seed 004 (text-to-image with a latent diffusion model, with the optional
@@ -542,16 +542,16 @@ load_checkpoint(previous, {"lora": LoraParameters(unet)}, restore_rng=False)
 start_lora = sd_lora.lora_weights(unet)
 load_checkpoint(final_checkpoint, training_state(unet, optimizer, run, accelerator),
                 CHECKPOINT_CONFIG)
-assert all(torch.equal(sd_lora.lora_weights(unet)[k], final_lora[k]) for k in final_lora)
+restored = sd_lora.lora_weights(unet)
+assert all(torch.equal(restored[k], final_lora[k]) for k in final_lora), "not restored"
 
 
-def update_norm(weights: dict) -> float:
-    """Norm of the change from the resume point to `weights`, over all LoRA tensors."""
-    return math.sqrt(sum((weights[k] - start_lora[k]).pow(2).sum().item() for k in start_lora))
+def distance(a: dict, b: dict) -> float:
+    """Euclidean distance between two sets of LoRA weights (all tensors together)."""
+    return math.sqrt(sum((a[k] - b[k]).pow(2).sum().item() for k in a))
 
 
-gap = math.sqrt(sum((resumed_lora[k] - final_lora[k]).pow(2).sum().item() for k in final_lora))
-relative = gap / update_norm(final_lora)
+relative = distance(resumed_lora, final_lora) / distance(final_lora, start_lora)
 assert relative <= (0.0 if DEVICE.type == "cpu" else 0.1), relative
 print(f"resumed from {previous.name} to step {reached}: the update differs from the "
       f"uninterrupted run's by {relative:.2e} of its norm")
