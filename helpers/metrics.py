@@ -221,16 +221,27 @@ def clip_score_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> Ten
 
 
 @torch.no_grad()
-def clip_score(model: Any, tokenizer: Any, images: Tensor, captions: Sequence[str]) -> float:
-    """CLIP score of images in [0, 1] against their captions with a transformers CLIPModel."""
+def clip_image_embeddings(model: Any, images: Tensor) -> Tensor:
+    """CLIP image embeddings of images in [0, 1] (N, 3, H, W): resized to the model's input size, normalised as
+    CLIP was trained, projected (transformers CLIPModel)."""
     device = next(model.parameters()).device
     size = model.config.vision_config.image_size
     pixels = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False)
     mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-    pixels = ((pixels.clamp(0, 1) - mean) / std).to(device, model.dtype)
+    embeds = model.get_image_features(pixel_values=((pixels.clamp(0, 1) - mean) / std).to(device, model.dtype))
+    return getattr(embeds, "pooler_output", embeds).float()
+
+
+@torch.no_grad()
+def clip_text_embeddings(model: Any, tokenizer: Any, captions: Sequence[str]) -> Tensor:
+    """CLIP text embeddings of captions (projected; transformers CLIPModel and its tokenizer)."""
+    device = next(model.parameters()).device
     tokens = tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt").to(device)
-    image_embeds = model.get_image_features(pixel_values=pixels)
-    text_embeds = model.get_text_features(**tokens)
-    image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
-    text_embeds = getattr(text_embeds, "pooler_output", text_embeds)
-    return float(clip_score_from_embeddings(image_embeds, text_embeds))
+    embeds = model.get_text_features(**tokens)
+    return getattr(embeds, "pooler_output", embeds).float()
+
+
+def clip_score(model: Any, tokenizer: Any, images: Tensor, captions: Sequence[str]) -> float:
+    """CLIP score of images in [0, 1] against their captions with a transformers CLIPModel."""
+    return float(clip_score_from_embeddings(clip_image_embeddings(model, images),
+                                            clip_text_embeddings(model, tokenizer, captions)))

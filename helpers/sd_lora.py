@@ -1,4 +1,5 @@
-"""Stable Diffusion + LoRA/QLoRA for notebook 06: tiny offline components, captioned images, adapters, CLIP score.
+"""Stable Diffusion + LoRA/QLoRA for notebook 06: tiny offline components, captioned images, the LoRA adapter, the
+training step and loop (taught as cells), adapter files, the gradient-checkpointing decision and QLoRA.
 
 The tiny shapes are the ones diffusers' own tests use; the SD 1.5 UNet config below is the real
 `stable-diffusion-v1-5/stable-diffusion-v1-5` `unet/config.json` (the entries that decide its shapes).
@@ -6,22 +7,30 @@ The tiny shapes are the ones diffusers' own tests use; the SD 1.5 UNet config be
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision import transforms
+from tqdm.auto import tqdm
 
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+from .losses import diffusion_snr, noise_prediction_loss
+from .training import History, Stopwatch, checkpoints_like, load_checkpoint, save_checkpoint
+
 TINY_MODEL_ID = "tiny-random-sd"  # not a Hub id: build tiny random components from configs (offline stand-in)
 STAND_IN_NOTE = ("tiny randomly initialised UNet, VAE, CLIP text encoder and tokenizer built from configs "
                  "(offline stand-in): the images are noise-like and not meaningful")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LORA_WEIGHT_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
 
 SD15_UNET_CONFIG: dict[str, Any] = {
     "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
@@ -54,6 +63,16 @@ TINY_CLIP_VISION_CONFIG: dict[str, Any] = {
     "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
     "image_size": 32, "patch_size": 4,
 }
+
+# Measured by the review session on an H100 (issue 11; device details and date unknown): the SD 1.5-sized UNet with
+# random weights, 512 px (64 x 64 latents), rank-4 LoRA, fp16 autocast, batch 2 x accumulation 2, UNet step only.
+# (variant, gradient checkpointing) -> (optimizer steps/s, peak GPU memory in GB); None: not measured.
+REVIEW_H100: dict[tuple[str, bool], tuple[float | None, float]] = {
+    ("LoRA", True): (1.54, 2.26), ("LoRA", False): (3.29, 3.96),
+    ("QLoRA", True): (1.22, 2.01), ("QLoRA", False): (None, 4.17),
+}
+REVIEW_UNET_WEIGHTS_GB = {"LoRA": 1.64, "QLoRA": 1.25}  # the same session: fp16 and 4-bit NF4 UNet weights
+HEADROOM_GB = 1.5  # beyond the UNet step: VAE encoding of the batch at 512 px, allocator fragmentation
 
 
 class ModelLoadError(RuntimeError):
@@ -124,13 +143,20 @@ def resolve_model_id(model_id: str, work_dir: str | os.PathLike) -> str:
     return str(save_tiny_pipeline(Path(work_dir) / TINY_MODEL_ID)) if model_id == TINY_MODEL_ID else model_id
 
 
+def hub_variant(model_id: str, dtype: torch.dtype) -> str | None:
+    """'fp16' (the half-size weight files) for a Hub id loaded in half precision; None for fp32 or a local folder."""
+    return "fp16" if dtype in (torch.float16, torch.bfloat16) and not Path(model_id).is_dir() else None
+
+
 def load_pipeline(model_id: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A StableDiffusionPipeline from a Hub id or a local folder; a ModelLoadError that says what to do otherwise."""
+    """A StableDiffusionPipeline (no safety checker) from a Hub id or a local folder, the fp16 weight files when
+    loading in half precision; a ModelLoadError that says what to do otherwise."""
     from diffusers import StableDiffusionPipeline
 
     try:
         # `torch_dtype` works on every diffusers version (the newest prefer `dtype`)
-        pipe = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype, variant=hub_variant(model_id, dtype),
+                                                       safety_checker=None, requires_safety_checker=False)
     except Exception as err:
         raise ModelLoadError(
             f"could not load the Stable Diffusion model {model_id!r} ({type(err).__name__}: {str(err)[:300]}). "
@@ -151,20 +177,26 @@ def mixed_precision_for(device: torch.device) -> str:
 # --- LoRA ----------------------------------------------------------------------------------------
 
 
+# The attention projections diffusers' LoRA script adapts: query, key, value and output projection
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
 def lora_config(rank: int, alpha: float, target_modules: Sequence[str] = LORA_TARGET_MODULES):
-    """The peft LoraConfig of diffusers' LoRA script: gaussian A, zero B, on the attention projections."""
+    """The peft LoraConfig of diffusers' LoRA script: Gaussian A, zero B, on `target_modules`."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                      target_modules=list(target_modules))
 
 
-def add_lora(unet: nn.Module, rank: int, alpha: float, target_modules: Sequence[str] = LORA_TARGET_MODULES) -> nn.Module:
-    """Freeze the UNet, attach a LoRA adapter with `unet.add_adapter` and keep the LoRA weights in fp32."""
+def add_lora(unet: nn.Module, rank: int, alpha: float,
+             target_modules: Sequence[str] = LORA_TARGET_MODULES) -> nn.Module:
+    """Freeze the UNet, attach a LoRA adapter (`unet.add_adapter`), keep its weights in fp32."""
     from diffusers.training_utils import cast_training_params
 
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(rank, alpha, target_modules))
-    cast_training_params(unet, dtype=torch.float32)
+    cast_training_params(unet, dtype=torch.float32)  # fp16 weights would lose Adam's small updates
     return unet
 
 
@@ -180,29 +212,41 @@ def lora_parameter_count(unet_config: Mapping[str, Any], rank: int,
     return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n), base
 
 
-def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
-    """The UNet's LoRA weights only, with the key names diffusers' `save_lora_weights` expects."""
+def save_lora(unet: nn.Module, folder: str | os.PathLike, adapter: str = "default") -> Path:
+    """Save only the LoRA weights, in fp32, with the adapter's config (rank, alpha, targets) as
+    metadata, to folder/pytorch_lora_weights.safetensors; return the file."""
+    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+    weights = {name: w.detach().float().cpu().contiguous() for name, w in weights.items()}
+    metadata = unet.peft_config[adapter].to_dict()  # without lora_alpha, a reload uses alpha = r
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=weights,
+                                              safe_serialization=True,
+                                              unet_lora_adapter_metadata=metadata)
+    return Path(folder) / LORA_WEIGHT_FILE
 
 
-def save_lora(unet: nn.Module, folder: str | os.PathLike) -> Path:
-    """Save only the LoRA weights as `pytorch_lora_weights.safetensors` in `folder`; return the file."""
-    from diffusers import StableDiffusionPipeline
-
-    folder = Path(folder)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
-    StableDiffusionPipeline.save_lora_weights(save_directory=folder, unet_lora_layers=state, safe_serialization=True)
-    return folder / "pytorch_lora_weights.safetensors"
+def load_lora(pipe: Any, folder: str | os.PathLike, adapter: str) -> None:
+    """Load an adapter written by `save_lora` into the pipeline's UNet under the name `adapter`.
+    The file is named: without it diffusers 0.39 (Colab's) fails when HF_HUB_OFFLINE=1."""
+    pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHT_FILE, adapter_name=adapter)
 
 
-def lora_weights(unet: nn.Module) -> dict[str, Tensor]:
-    """Every LoRA tensor of a peft-adapted UNet by parameter name (adapter name removed), detached on the CPU."""
-    import re
+def safetensors_layout(path: str | os.PathLike) -> tuple[int, int]:
+    """(header bytes, tensor data bytes) of a .safetensors file: an 8-byte length, a JSON header, then the data."""
+    with open(path, "rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(header_length))
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return 8 + header_length, max(ends, default=0)
 
-    return {re.sub(r"\.(lora_[AB])\.[^.]+\.", r".\1.", n): p.detach().float().cpu()
+
+def lora_weights(unet: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Copies of every LoRA tensor of a peft-adapted UNet by parameter name (adapter name removed), on the CPU in
+    fp32, after rounding to `dtype` when given (to compare with an adapter loaded in that precision)."""
+    return {re.sub(r"\.(lora_[AB])\.[^.]+\.", r".\1.", n): p.detach().to(dtype or p.dtype).float().cpu().clone()
             for n, p in unet.named_parameters() if "lora_" in n}
 
 
@@ -212,6 +256,212 @@ class LoraParameters(nn.Module):
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.params = nn.ParameterDict({n.replace(".", "/"): p for n, p in unet.named_parameters() if p.requires_grad})
+
+
+def parameter_fingerprints(module: nn.Module) -> dict[str, str]:
+    """A SHA-1 of every parameter's bytes by name (peft's `.base_layer` removed), to show later what changed."""
+    import hashlib
+
+    def digest(p: Tensor) -> str:
+        return hashlib.sha1(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+
+    return {name.replace(".base_layer", ""): digest(p) for name, p in module.named_parameters()}
+
+
+# --- the training step ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_batch(pipe: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    """A batch {'pixel_values', 'caption'} through the frozen encoders: latents z_0 = s * E(x)
+    (a sample of the VAE's Gaussian) and the CLIP text states c of the captions."""
+    vae, device = pipe.vae, pipe.vae.device
+    pixels = batch["pixel_values"].to(device, vae.dtype)
+    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+    ids = pipe.tokenizer(list(batch["caption"]), padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    return latents, pipe.text_encoder(ids.to(device))[0]
+
+
+def diffusion_loss(unet: nn.Module, latents: Tensor, text_states: Tensor, noise_scheduler: Any,
+                   snr_gamma: float | None = None) -> Tensor:
+    """Draw noise eps and a timestep t per image, noise z_0 to z_t, let the UNet predict eps (or v
+    for a v-prediction model) from (z_t, t, c), score it (min-SNR weighted if `snr_gamma`)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {kind!r}: use an 'epsilon' or 'v_prediction' model")
+    noise = torch.randn_like(latents)
+    steps = noise_scheduler.config.num_train_timesteps
+    t = torch.randint(0, steps, (len(latents),), device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)  # sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
+    target = noise if kind == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+    pred = unet(noisy, t, text_states, return_dict=False)[0]
+    snr = diffusion_snr(noise_scheduler.alphas_cumprod, t) if snr_gamma is not None else None
+    return noise_prediction_loss(pred, target, snr, snr_gamma, kind)
+
+
+def lora_training_step(unet: nn.Module, optimizer: torch.optim.Optimizer,
+                       micro_batches: Sequence[tuple[Tensor, Tensor]], noise_scheduler: Any,
+                       accelerator: Any, snr_gamma: float | None = None,
+                       max_grad_norm: float = 1.0) -> float:
+    """One optimizer step on gradients accumulated over micro-batches of (latents, text states):
+    each loss divided by their number, then backward (the gradients add up); then clip the gradient
+    norm and step. Returns the step's loss (the mean over the micro-batches)."""
+    total = torch.zeros((), device=accelerator.device)
+    for latents, text_states in micro_batches:
+        with accelerator.autocast():  # fp16/bf16 on a GPU; a no-op on the CPU
+            loss = diffusion_loss(unet, latents, text_states, noise_scheduler, snr_gamma)
+        loss = loss / len(micro_batches)
+        accelerator.backward(loss)  # scales the loss against fp16 underflow when needed
+        total += loss.detach()
+    accelerator.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total.item()
+
+
+# --- the training loop ---------------------------------------------------------------------------
+
+
+def micro_batch(dataset: Dataset, index: int, batch_size: int, seed: int, process: int = 0,
+                processes: int = 1) -> dict[str, Any]:
+    """Micro-batch number `index` for one process: a seeded permutation per epoch (a resumed run sees the same
+    batches), the global batch of batch_size * processes images shared out between the processes."""
+    indices = batch_indices(index, batch_size * processes, len(dataset), seed)[process::processes]
+    items = [dataset[i] for i in indices]
+    return {"pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "caption": [item["caption"] for item in items]}
+
+
+@dataclass
+class LoraPlan:
+    """The knobs of the LoRA training loop, set from the parameters cell."""
+
+    steps: int  # optimizer steps in all
+    batch_size: int  # images per micro-batch (per GPU)
+    grad_accum: int  # micro-batches per optimizer step
+    seed: int  # fixes the batch order of every epoch
+    snr_gamma: float | None  # min-SNR gamma; None: plain MSE
+    max_grad_norm: float
+    folder: Path  # checkpoints go to folder/step-000100.pt, ...
+    checkpoint_every: int
+    keep_last: int  # older checkpoints are deleted
+    sample_every: int  # steps between sample snapshots
+    config: dict  # what a checkpoint must match to be resumed
+    time_limit_s: float = math.inf  # stop, with a checkpoint, after this much time
+
+
+class Snapshots(dict):
+    """Sample images (uint8) by training step; a checkpoint saves them through state_dict()."""
+
+    def state_dict(self) -> dict[int, Tensor]:
+        """The snapshots as a plain dict."""
+        return dict(self)
+
+    def load_state_dict(self, state: Mapping[int, Tensor]) -> None:
+        """Replace the snapshots by saved ones."""
+        self.clear()
+        self.update(state)
+
+
+@dataclass
+class LoraRun:
+    """What the loop keeps besides the weights: loss history, timing and sample snapshots."""
+
+    history: History
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)
+    snapshots: Snapshots = field(default_factory=Snapshots)
+
+
+def training_state(unet: nn.Module, optimizer: Any, run: LoraRun,
+                   accelerator: Any) -> dict[str, Any]:
+    """What a checkpoint stores, each object through its own state_dict: the LoRA weights only (a
+    view of the UNet's trainable parameters), AdamW, the run's history, stopwatch and snapshots,
+    and the fp16 loss scaler."""
+    state = {"lora": LoraParameters(accelerator.unwrap_model(unet)), "adamw": optimizer,
+             "history": run.history, "stopwatch": run.stopwatch, "snapshots": run.snapshots}
+    if accelerator.scaler is not None:
+        state["scaler"] = accelerator.scaler
+    return state
+
+
+def lora_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints train_lora wrote to `folder` (step-000100.pt, ...), oldest first."""
+    return checkpoints_like(Path(folder) / "step-000000.pt")
+
+
+def step_batches(pipe: Any, dataset: Dataset, step: int, plan: LoraPlan,
+                 accelerator: Any) -> list[tuple[Tensor, Tensor]]:
+    """The encoded micro-batches of optimizer step `step` for this process."""
+    return [encode_batch(pipe, micro_batch(dataset, step * plan.grad_accum + i, plan.batch_size,
+                                           plan.seed, accelerator.process_index,
+                                           accelerator.num_processes))
+            for i in range(plan.grad_accum)]
+
+
+def train_lora(unet: nn.Module, optimizer: Any, dataset: Dataset, pipe: Any, noise_scheduler: Any,
+               accelerator: Any, run: LoraRun, plan: LoraPlan, sample: Callable[[], Tensor]) -> int:
+    """Train until plan.steps optimizer steps (or plan.time_limit_s), resuming from the newest
+    checkpoint in plan.folder; log, snapshot and checkpoint on schedule; return the step reached."""
+    state = training_state(unet, optimizer, run, accelerator)
+    step = 0
+    for newest in lora_checkpoints(plan.folder)[-1:]:  # resume when there is a checkpoint
+        step = load_checkpoint(newest, state, plan.config, map_location=accelerator.device)["step"]
+    started, done = time.perf_counter(), step >= plan.steps
+    bar = tqdm(total=plan.steps, initial=step, desc="LoRA training", unit="step")
+    unet.train()
+    while not done:
+        with run.stopwatch:
+            micro_batches = step_batches(pipe, dataset, step, plan, accelerator)
+            loss = lora_training_step(unet, optimizer, micro_batches, noise_scheduler, accelerator,
+                                      plan.snr_gamma, plan.max_grad_norm)
+        step += 1
+        run.stopwatch.count(1, plan.batch_size * plan.grad_accum * accelerator.num_processes)
+        run.history.log(step, loss=loss)
+        bar.update()
+        done = step >= plan.steps or time.perf_counter() - started >= plan.time_limit_s
+        if step % plan.sample_every == 0 or done:
+            run.snapshots[step] = sample()
+        if (step % plan.checkpoint_every == 0 or done) and accelerator.is_main_process:
+            save_checkpoint(plan.folder / f"step-{step:06d}.pt", state, step, plan.config,
+                            keep_last=plan.keep_last)
+    bar.close()
+    unet.eval()
+    run.history.flush()
+    return step
+
+
+# --- GPU memory: gradient checkpointing only when it is needed ------------------------------------
+
+
+def training_memory_gb(batch_size: int, latent_side: int, checkpointing: bool, quantized: bool = False) -> float:
+    """GPU memory of an SD 1.5 UNet training step beyond its weights, in GB: the review session's H100 peak minus
+    the weights, at batch 2 and 64 x 64 latents, scaled by batch x latent area (activations grow with both)."""
+    kind = "QLoRA" if quantized else "LoRA"
+    measured = REVIEW_H100[(kind, checkpointing)][1] - REVIEW_UNET_WEIGHTS_GB[kind]
+    return measured * batch_size / 2 * (latent_side / 64) ** 2
+
+
+def needs_gradient_checkpointing(free_gb: float, batch_size: int, latent_side: int,
+                                 quantized: bool = False) -> bool:
+    """True when the step without checkpointing, plus HEADROOM_GB, would not fit in `free_gb` of GPU memory."""
+    return training_memory_gb(batch_size, latent_side, False, quantized) + HEADROOM_GB > free_gb
+
+
+def choose_gradient_checkpointing(device: torch.device, batch_size: int, latent_side: int,
+                                  quantized: bool = False) -> tuple[bool, str]:
+    """Whether to recompute activations in the backward pass (slower, less memory), decided from the GPU's free
+    memory (torch.cuda.mem_get_info) and the step's derived need; and the reason, to print."""
+    if device.type != "cuda":
+        return False, f"{device.type}: no GPU memory to save, so no gradient checkpointing (it only costs time)"
+    free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
+    need = training_memory_gb(batch_size, latent_side, False, quantized) + HEADROOM_GB
+    use = needs_gradient_checkpointing(free_gb, batch_size, latent_side, quantized)
+    (slow, _), (fast, _) = REVIEW_H100[("LoRA", True)], REVIEW_H100[("LoRA", False)]
+    verdict = ("on: it would not fit without" if use else f"off: it fits without, and checkpointing would "
+               f"cost speed ({slow} vs {fast} steps/s on an H100, review session)")
+    return use, (f"the step needs about {need:.1f} GB without gradient checkpointing (derived from an H100 "
+                 f"measurement), {free_gb:.1f} GB of GPU memory is free: checkpointing {verdict}")
 
 
 # --- QLoRA ---------------------------------------------------------------------------------------
@@ -224,7 +474,8 @@ def qlora_unavailable_reason() -> str | None:
                 "'No GPU found' otherwise). Run this notebook on a GPU runtime (Colab: Runtime > Change runtime type > T4)")
     import importlib.util
     if importlib.util.find_spec("bitsandbytes") is None:
-        return "QLoRA needs bitsandbytes: `pip install bitsandbytes` (it is in requirements-colab.txt), then restart"
+        return ("QLoRA needs bitsandbytes (notebook 06 installs it where a CUDA GPU is present): "
+                "`pip install bitsandbytes`, then restart the runtime and run the notebook again")
     return None
 
 
@@ -238,7 +489,8 @@ def load_unet_4bit(model_id: str, compute_dtype: torch.dtype = torch.float16):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     try:
         return UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", quantization_config=config,
-                                                    torch_dtype=compute_dtype)
+                                                    torch_dtype=compute_dtype,
+                                                    variant=hub_variant(model_id, compute_dtype))
     except Exception as err:
         raise ModelLoadError(f"could not load the UNet of {model_id!r} in 4-bit ({type(err).__name__}: {err})") from err
 
@@ -381,7 +633,7 @@ def make_shape_images(folder: str | os.PathLike, count: int = 8, seed: int = 0) 
     return folder
 
 
-# --- generation and CLIP score -------------------------------------------------------------------
+# --- generation and CLIP -------------------------------------------------------------------------
 
 
 def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
@@ -395,6 +647,14 @@ def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int
                        generator=generator, output_type="pt")
             images.append(out.images.float().cpu())
     return torch.cat(images)
+
+
+@torch.no_grad()
+def predict_noise(unet: nn.Module, probe: tuple[Tensor, Tensor, Tensor], accelerator: Any) -> Tensor:
+    """The UNet's prediction for one fixed input (noisy latents z_t, timesteps t, text states c), fp32 on the CPU."""
+    latents, timesteps, text_states = probe
+    with accelerator.autocast():
+        return unet(latents, timesteps, text_states, return_dict=False)[0].float().cpu()
 
 
 def load_clip(model_id: str, work_dir: str | os.PathLike, device: torch.device) -> tuple[Any, Any]:
@@ -413,13 +673,3 @@ def load_clip(model_id: str, work_dir: str | os.PathLike, device: torch.device) 
     except Exception as err:
         raise ModelLoadError(f"could not load the CLIP model {model_id!r} for the CLIP score ({err}); check the id "
                              "and your internet connection") from err
-
-
-def parameter_fingerprints(module: nn.Module) -> dict[str, str]:
-    """A SHA-1 of every parameter's bytes by name (peft's `.base_layer` removed), to show later what changed."""
-    import hashlib
-
-    def digest(p: Tensor) -> str:
-        return hashlib.sha1(p.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
-
-    return {name.replace(".base_layer", ""): digest(p) for name, p in module.named_parameters()}

@@ -33,20 +33,22 @@ CASES = ("gan", "style", "pix2pixhd", "sd_lora")  # tools/bench_<case>.py
 def with_speedups(rows: list[dict]) -> list[dict]:
     """Each row's speed-up over the baseline row of its notebook (baseline time / row time)."""
     base = {r["notebook"]: r["ms_per_step"] for r in rows if r.get("baseline")}
-    return [{**r, "speedup": base[r["notebook"]] / r["ms_per_step"] if r["notebook"] in base else None}
-            for r in rows]
+    return [{**r, "speedup": base[r["notebook"]] / r["ms_per_step"]
+             if r["notebook"] in base and r.get("ms_per_step") else None} for r in rows]
 
 
 def table(rows: list[dict]) -> str:
     """A markdown table of the rows."""
-    lines = ["| notebook | variant | ms / step | steps / s | peak GPU MiB | speed-up | config |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    lines = ["| notebook | variant | ms / step | steps / s | peak GPU MiB | speed-up | config | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:  # a row without a time is a variant that cannot run here; its note says why
         peak = f"{r['peak_memory_mb']:,.0f}" if r.get("peak_memory_mb") is not None else "–"
         speed = "baseline" if r.get("baseline") else (f"{r['speedup']:.2f}×" if r.get("speedup") else "–")
         config = ", ".join(f"{k} {v}" for k, v in r.get("config", {}).items())
-        lines.append(f"| {r['notebook']} | {r['variant']} | {r['ms_per_step']:.2f} | {r['it_per_s']:.1f} | {peak} "
-                     f"| {speed} | {config} |")
+        ms = f"{r['ms_per_step']:.2f}" if r.get("ms_per_step") is not None else "–"
+        rate = f"{r['it_per_s']:.1f}" if r.get("it_per_s") is not None else "–"
+        lines.append(f"| {r['notebook']} | {r['variant']} | {ms} | {rate} | {peak} | {speed} | {config} "
+                     f"| {r.get('note', '')} |")
     return "\n".join(lines)
 
 
