@@ -126,7 +126,7 @@ def encode_input(labels: Tensor, label_nc: int, instances: Tensor | None = None)
     return torch.cat([one_hot, instance_edges(instances).to(one_hot)], dim=1)
 
 
-def encode_batch(batch: dict, size: int, label_nc: int, use_instance: bool,
+def encode_pair_batch(batch: dict, size: int, label_nc: int, use_instance: bool,
                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """A data batch resized to `size` (maps: nearest, photos: area) and encoded: (G's input map, photo) on
     `device`. label_nc 0: the label map is drawn as an RGB sketch, which G gets as it is."""

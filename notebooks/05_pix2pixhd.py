@@ -53,7 +53,7 @@ from helpers.environment import (data_dir, describe_device, in_colab, pick_devic
 from helpers.metrics import psnr, ssim
 from helpers.pix2pixhd import (
     CMP_FACADES_CLASSES, FastPath, PairedFolderDataset, ProceduralLabelImages, Progress, Trained,
-    TrainingSetup, check_image_size, colorize_labels, download_cmp_facades, encode_batch,
+    TrainingSetup, check_image_size, colorize_labels, download_cmp_facades, encode_pair_batch,
     encode_input, input_channels, instance_edges, label_sketch, linear_decay_lr, one_hot_labels,
     set_lr, snapshot,
 )
@@ -226,7 +226,7 @@ check_image_size(IMAGE_SIZE, IMAGE_SIZE, 32, "IMAGE_SIZE")
 train_loader = DataLoader(train_set, BATCH_SIZE, shuffle=True, num_workers=NUM_WORKERS,
                           drop_last=True)
 test_loader = DataLoader(test_set, BATCH_SIZE, shuffle=False, num_workers=NUM_WORKERS)
-encode = partial(encode_batch, label_nc=LABEL_NC, use_instance=USE_INSTANCE, device=DEVICE)
+encode = partial(encode_pair_batch, label_nc=LABEL_NC, use_instance=USE_INSTANCE, device=DEVICE)
 print(f"{len(train_set)} training pairs, {len(test_set)} held-out pairs, {len(CLASS_NAMES)} "
       f"classes ({', '.join(CLASS_NAMES)}), generator input: {IN_NC} channels")
 

@@ -13,7 +13,7 @@ import helpers.pix2pixhd as p2p
 from helpers.environment import seed_everything
 from helpers.pix2pixhd import (
     FastPath, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, ProceduralLabelImages, TrainingSetup,
-    encode_batch, pix2pixhd_train_step, train_variant, training_step_flops, two_stage_plan,
+    encode_pair_batch, pix2pixhd_train_step, train_variant, training_step_flops, two_stage_plan,
 )
 from helpers.losses import PIX2PIXHD_VGG_LAYERS
 from helpers.vgg import VGG19Features
@@ -40,7 +40,7 @@ def build_generator(stage: str) -> torch.nn.Module:
 
 def make_setup(vgg, fast: FastPath = FastPath(), n_train: int = N_TRAIN) -> TrainingSetup:
     data = ProceduralLabelImages(n_train, 32, seed=0)
-    encode = functools.partial(encode_batch, label_nc=data.label_nc, use_instance=True)
+    encode = functools.partial(encode_pair_batch, label_nc=data.label_nc, use_instance=True)
     preview = next(iter(DataLoader(data, 2)))
     return TrainingSetup(DataLoader(data, 1, shuffle=True, drop_last=True), encode, preview, vgg, fast=fast)
 
