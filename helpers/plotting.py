@@ -1,7 +1,6 @@
 """Figures of the collection: loss curves, sample grids, samples over iterations, side-by-side panels, labelled tables."""
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -144,14 +143,3 @@ def show_image_table(images: Tensor, row_labels: Sequence[str], column_labels: S
             label = row_labels[r] if len(row_labels[r]) <= 28 else row_labels[r][:26] + "…"
             ax.set_ylabel(f"{ylabel}: {label}" if ylabel else label, fontsize=7)
     return _finish(fig, title, path)
-
-
-def show_source(obj: object) -> object:
-    """Show the source code of a helpers class or function in the notebook (syntax-highlighted when possible)."""
-    source = inspect.getsource(obj)
-    try:
-        from IPython.display import Code
-        return Code(source, language="python")
-    except ImportError:
-        print(source)
-        return None
