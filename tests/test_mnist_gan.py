@@ -1,8 +1,16 @@
-"""The seed-003 GAN: parameter counts by hand, shapes, one step, and a short run that must learn."""
+"""The seed-003 GAN: parameter counts by hand, shapes, one step, a short run that must learn, resume through the
+real training loop, and the fast path's bookkeeping."""
+import copy
+import math
+from functools import partial
+
 import pytest
 import torch
 
-from helpers.mnist_gan import Discriminator, Generator, batches, generate, train_step
+from helpers.mnist_gan import (Discriminator, Generator, Plan, Recipe, batches, generate, graphed_step,
+                               set_capturable, train_gan, train_step, undone)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(model):
@@ -20,12 +28,11 @@ def test_discriminator_parameter_count_by_hand():
     assert count(Discriminator()) == 533_505
 
 
-def test_shapes_and_ranges():
+def test_shapes_and_the_discriminator_is_a_probability_even_for_extreme_inputs():
     G, D = Generator(16), Discriminator()
-    images = G(torch.randn(5, 16))
-    assert images.shape == (5, 1, 28, 28) and images.abs().max() <= 1
-    prob = D(images)
-    assert prob.shape == (5, 1) and ((prob > 0) & (prob < 1)).all()
+    assert G(torch.randn(5, 16)).shape == (5, 1, 28, 28)
+    prob = D(torch.full((3, 1, 28, 28), 1e4))
+    assert prob.shape == (3, 1) and ((prob >= 0) & (prob <= 1)).all()
 
 
 def test_generate_is_repeatable_for_a_seed():
@@ -34,11 +41,15 @@ def test_generate_is_repeatable_for_a_seed():
     assert not torch.equal(generate(G, 10, torch.device("cpu"), seed=3), generate(G, 10, torch.device("cpu"), seed=4))
 
 
-def test_batches_cover_the_data_once_without_the_last_partial_batch():
+def test_batches_pass_over_the_data_in_a_new_order_each_time():
     data = torch.arange(10).float()
-    out = batches(data, 4, torch.Generator().manual_seed(0))
-    assert [len(b) for b in out] == [4, 4]
-    assert len(set(torch.cat(out).tolist())) == 8
+    out = batches(data, 4, 2, torch.Generator().manual_seed(0))
+    assert [len(b) for b in out] == [4, 4] and len(set(torch.cat(out).tolist())) == 8  # one pass, drop_last
+    out = batches(data, 4, 5, torch.Generator().manual_seed(0))  # 2 batches per pass: 3 passes, 5 batches
+    passes = [torch.cat(out[0:2]), torch.cat(out[2:4])]
+    assert all(len(set(p.tolist())) == 8 for p in passes) and not torch.equal(*passes)
+    with pytest.raises(ValueError, match="3 images make no batch of 4"):
+        batches(data[:3], 4, 1, torch.Generator())
 
 
 def test_training_moves_the_generator_towards_the_data():
@@ -51,7 +62,94 @@ def test_training_moves_the_generator_towards_the_data():
     start = (G.eval()(torch.randn(64, 8)).mean() - 0.8).abs().item()
     G.train()
     for _ in range(150):
-        out = train_step(G, D, opt_g, opt_d, real)
+        out = train_step(G, D, opt_g, opt_d, real, torch.randn(32, 8))
     end = (G.eval()(torch.randn(64, 8)).mean() - 0.8).abs().item()
     assert end < 0.5 * start, (start, end)
-    assert set(out) == {"loss/generator", "loss/discriminator", "D(x)/real", "D(x)/fake"}
+    assert set(out) == {"loss/generator", "loss/discriminator", "D/real", "D/fake"}
+
+
+# --- the training loop: resume through the real path ---------------------------------------------------------
+
+IMAGES = torch.rand(96, 1, 28, 28) * 2 - 1  # 3 batches of 32 per epoch
+
+
+def tiny_recipe() -> Recipe:
+    """A fresh small recipe, as a new session would build it."""
+    G, D = Generator(8, hidden=(16, 32)), Discriminator(hidden=(16,))
+    opt_g = torch.optim.Adam(G.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    return Recipe("tiny", G, D, opt_g, opt_d, partial(train_step, G, D, opt_g, opt_d), G, {"seed": 0})
+
+
+def tiny_plan(epochs: int) -> Plan:
+    quality = lambda G: {"fd": float(G(torch.ones(2, 8)).mean()), "coverage_nats": 0.0}  # noqa: E731
+    return Plan(epochs, 3, 32, 0, 2, (4,), torch.zeros(4, 8), quality)
+
+
+def weights(recipe: Recipe) -> list[torch.Tensor]:
+    return [*recipe.G.state_dict().values(), *recipe.D.state_dict().values()]
+
+
+def test_an_interrupted_run_resumed_in_a_fresh_session_equals_a_straight_run(tmp_path):
+    torch.manual_seed(0)
+    straight = tiny_recipe()
+    straight_run = train_gan(straight, IMAGES, tiny_plan(3), tmp_path / "straight")
+
+    torch.manual_seed(0)
+    first = tiny_recipe()
+    train_gan(first, IMAGES, tiny_plan(1), tmp_path / "resumed")
+    torch.manual_seed(12345)  # a new session: other random state, fresh models, optimizers and run
+    resumed = tiny_recipe()
+    resumed_run = train_gan(resumed, IMAGES, tiny_plan(3), tmp_path / "resumed")
+
+    assert resumed_run.step == straight_run.step == 9 and resumed_run.epoch == 3
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(straight)))
+    assert [e["g_loss"] for e in resumed_run.epochs] == [e["g_loss"] for e in straight_run.epochs]
+    assert resumed_run.history.series("loss/generator") == straight_run.history.series("loss/generator")
+    assert sorted(resumed_run.snapshots) == [4, 9]
+
+
+# --- the fast path --------------------------------------------------------------------------------------------
+
+
+def test_undone_restores_weights_and_optimizer_state_so_later_steps_equal_a_fresh_copy():
+    torch.manual_seed(0)
+    recipe = tiny_recipe()
+    twin = copy.deepcopy(recipe)  # same weights, optimizers without state
+    twin.step = partial(train_step, twin.G, twin.D, twin.opt_g, twin.opt_d)
+    real, z = IMAGES[:32], torch.randn(32, 8)
+    with undone(recipe):  # what graphed_step does with its warm-up steps
+        for _ in range(3):
+            recipe.step(real, z)
+    assert all(torch.equal(a, b) for a, b in zip(weights(recipe), weights(twin)))
+    for _ in range(2):
+        recipe.step(real, z), twin.step(real, z)
+    assert all(torch.equal(a, b) for a, b in zip(weights(recipe), weights(twin)))
+
+
+def test_set_capturable_moves_adam_step_counters_and_back():
+    recipe = tiny_recipe()
+    recipe.step(IMAGES[:32], torch.randn(32, 8))
+    set_capturable(recipe.opt_g, False)
+    steps = [s["step"] for s in recipe.opt_g.state.values()]
+    assert all(s.device.type == "cpu" and s.dtype == torch.float32 and s.item() == 1 for s in steps)
+    assert all(g["capturable"] is False for g in recipe.opt_g.param_groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (skipped on CPU)")
+def test_cuda_graph_step_gives_the_eager_updates():
+    torch.manual_seed(0)
+    eager = tiny_recipe()
+    for model in (eager.G, eager.D):
+        model.cuda()
+    graphed = copy.deepcopy(eager)
+    graphed.step = partial(train_step, graphed.G, graphed.D, graphed.opt_g, graphed.opt_d)
+    for opt in (eager.opt_g, eager.opt_d, graphed.opt_g, graphed.opt_d):
+        set_capturable(opt, True)
+    fast = graphed_step(graphed, 32)
+    for _ in range(5):
+        real, z = IMAGES[:32].cuda(), torch.randn(32, 8, device="cuda")
+        out_eager, out_fast = eager.step(real, z), fast(real, z)
+        assert math.isclose(out_eager["loss/generator"].item(), out_fast["loss/generator"].item(), rel_tol=1e-4)
+    for a, b in zip(weights(eager), weights(graphed)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
