@@ -130,8 +130,18 @@ def seed_recipe(device: torch.device, latent_dim: int = 100,
 # --- the improved recipe --------------------------------------------------------------------------
 
 
-class DropoutDiscriminator(nn.Module):
-    """The seed's discriminator with dropout after each hidden layer; a raw score, no sigmoid."""
+class MinibatchStd(nn.Module):
+    """Appends one feature to every row: the batch's standard deviation, averaged over features."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        """(N, F) -> (N, F + 1): a batch of near-identical fakes gets a telltale small value."""
+        spread = h.std(dim=0).mean().expand(len(h), 1)
+        return torch.cat([h, spread], dim=1)
+
+
+class ImprovedDiscriminator(nn.Module):
+    """The seed's discriminator with dropout after each hidden layer and a minibatch-std feature
+    before the last layer; a raw score out, no sigmoid."""
 
     def __init__(self, hidden: Sequence[int] = (512, 256), dropout: float = 0.3) -> None:
         super().__init__()
@@ -140,7 +150,7 @@ class DropoutDiscriminator(nn.Module):
         for out in hidden:
             layers += [nn.Linear(width, out), nn.LeakyReLU(0.2), nn.Dropout(dropout)]
             width = out
-        layers.append(nn.Linear(width, 1))
+        layers += [MinibatchStd(), nn.Linear(width + 1, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -171,10 +181,10 @@ def improved_recipe(device: torch.device, latent_dim: int = 100,
                     d_hidden: Sequence[int] = (512, 256), lr_g: float = 1e-4, lr_d: float = 4e-4,
                     betas: tuple[float, float] = (0.5, 0.999), dropout: float = 0.3,
                     ema_decay: float = 0.99) -> Recipe:
-    """The improved recipe: the seed's G; D with dropout and raw scores; hinge losses; two learning
-    rates; samples drawn from a moving average of G's weights."""
+    """The improved recipe: the seed's G; D with dropout, a minibatch-std feature and raw scores;
+    hinge losses; two learning rates; samples drawn from a moving average of G's weights."""
     G = Generator(latent_dim, g_hidden).to(device)
-    D = DropoutDiscriminator(d_hidden, dropout).to(device)
+    D = ImprovedDiscriminator(d_hidden, dropout).to(device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas)
@@ -312,9 +322,9 @@ def train_gan(recipe: Recipe, images: Tensor, plan: Plan, folder: Path) -> GanRu
 def choose_step(recipe: Recipe, batch_size: int, device: torch.device) -> StepFn:
     """The recipe's step replayed as a CUDA graph on a GPU (graphed_step), else the eager step;
     prints which."""
-    for opt in (recipe.opt_g, recipe.opt_d):
-        set_capturable(opt, device.type == "cuda")
     if device.type != "cuda":
+        for opt in (recipe.opt_g, recipe.opt_d):
+            set_capturable(opt, False)  # e.g. a checkpoint written on a GPU, resumed on a CPU
         print(f"{recipe.name}: eager step on {device.type} (the CUDA-graph fast path needs a GPU)")
         return recipe.step
     print(f"{recipe.name}: fast path, the whole step replayed as one CUDA graph per iteration")
@@ -358,6 +368,8 @@ def graphed_step(recipe: Recipe, batch_size: int, warmup: int = 3) -> StepFn:
     into static buffers and replays the graph (one launch instead of hundreds); the next call
     overwrites the returned tensors. Capture needs warm-up steps on a side stream: undone after."""
     device = next(recipe.G.parameters()).device
+    for opt in (recipe.opt_g, recipe.opt_d):
+        set_capturable(opt, True)
     static_real = torch.zeros(batch_size, *IMAGE_SHAPE, device=device)
     static_z = torch.zeros(batch_size, recipe.G.latent_dim, device=device)
     main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)

@@ -7,7 +7,8 @@ from functools import partial
 import pytest
 import torch
 
-from helpers.mnist_gan import (Discriminator, Generator, Plan, Recipe, batches, generate, graphed_step,
+from helpers.mnist_gan import (Discriminator, Generator, ImprovedDiscriminator, MinibatchStd, Plan, Recipe,
+                               batches, ema_update, generate, graphed_step, improved_recipe, seed_recipe,
                                set_capturable, train_gan, train_step, undone)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,6 +27,43 @@ def test_generator_parameter_count_by_hand():
 def test_discriminator_parameter_count_by_hand():
     # Linear 784->512: 401,920 ; 512->256: 131,328 ; 256->1: 257 ; total 533,505
     assert count(Discriminator()) == 533_505
+
+
+def test_the_improved_discriminator_has_one_weight_more_than_the_seeds_and_gives_raw_scores():
+    D = ImprovedDiscriminator(dropout=0.3)
+    assert count(D) == count(Discriminator()) + 1 == 533_506  # the minibatch-std feature's weight
+    scores = D.eval()(torch.full((3, 1, 28, 28), 100.0))
+    assert scores.shape == (3, 1) and scores.abs().max() > 1  # not squashed into (0, 1)
+    assert torch.equal(D(torch.ones(2, 1, 28, 28)), D(torch.ones(2, 1, 28, 28)))  # eval: dropout off
+    assert not torch.equal(D.train()(torch.ones(2, 1, 28, 28)), D(torch.ones(2, 1, 28, 28)))
+
+
+def test_minibatch_std_by_hand():
+    # columns [1, 3] and [2, 2]: standard deviations (unbiased) sqrt(2) and 0, mean sqrt(2)/2
+    out = MinibatchStd()(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
+    assert out.shape == (2, 3) and torch.allclose(out[:, 2], torch.full((2,), math.sqrt(2) / 2))
+
+
+def test_ema_update_by_hand():
+    average, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        average.weight.fill_(1.0), model.weight.fill_(3.0), model.running_mean.fill_(5.0)
+    ema_update(average, model, decay=0.9)
+    assert torch.allclose(average.weight, torch.full((2,), 1.2))  # 0.9 * 1 + 0.1 * 3
+    assert torch.equal(average.running_mean, model.running_mean)  # statistics are copied
+
+
+def test_improved_step_trains_g_and_d_and_moves_the_average_towards_g():
+    torch.manual_seed(0)
+    recipe = improved_recipe(torch.device("cpu"), 8, (16, 32), (16,), ema_decay=0.5)
+    g_before, ema_before = copy.deepcopy(recipe.G), copy.deepcopy(recipe.sampler)
+    d_before = copy.deepcopy(recipe.D)
+    out = recipe.step(IMAGES[:32], torch.randn(32, 8))
+    changed = lambda a, b: not torch.equal(next(a.parameters()), next(b.parameters()))  # noqa: E731
+    assert changed(recipe.G, g_before) and changed(recipe.D, d_before)
+    expected = 0.5 * next(ema_before.parameters()) + 0.5 * next(recipe.G.parameters())
+    assert torch.allclose(next(recipe.sampler.parameters()), expected)
+    assert set(out) == {"loss/generator", "loss/discriminator", "D/real", "D/fake"}
 
 
 def test_shapes_and_the_discriminator_is_a_probability_even_for_extreme_inputs():
@@ -74,11 +112,8 @@ IMAGES = torch.rand(96, 1, 28, 28) * 2 - 1  # 3 batches of 32 per epoch
 
 
 def tiny_recipe() -> Recipe:
-    """A fresh small recipe, as a new session would build it."""
-    G, D = Generator(8, hidden=(16, 32)), Discriminator(hidden=(16,))
-    opt_g = torch.optim.Adam(G.parameters(), lr=2e-3, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=2e-3, betas=(0.5, 0.999))
-    return Recipe("tiny", G, D, opt_g, opt_d, partial(train_step, G, D, opt_g, opt_d), G, {"seed": 0})
+    """A fresh small seed recipe, as a new session would build it."""
+    return seed_recipe(torch.device("cpu"), 8, (16, 32), (16,), lr=2e-3)
 
 
 def tiny_plan(epochs: int) -> Plan:
@@ -137,19 +172,23 @@ def test_set_capturable_moves_adam_step_counters_and_back():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (skipped on CPU)")
-def test_cuda_graph_step_gives_the_eager_updates():
+@pytest.mark.parametrize("build", [
+    lambda: seed_recipe(torch.device("cuda"), 8, (16, 32), (16,), lr=2e-3),
+    # dropout off: its masks come from the CUDA generator, drawn differently inside a graph
+    lambda: improved_recipe(torch.device("cuda"), 8, (16, 32), (16,), dropout=0.0)])
+def test_cuda_graph_step_gives_the_eager_updates(build):
     torch.manual_seed(0)
-    eager = tiny_recipe()
-    for model in (eager.G, eager.D):
-        model.cuda()
-    graphed = copy.deepcopy(eager)
-    graphed.step = partial(train_step, graphed.G, graphed.D, graphed.opt_g, graphed.opt_d)
-    for opt in (eager.opt_g, eager.opt_d, graphed.opt_g, graphed.opt_d):
+    eager, graphed = build(), build()
+    graphed.G.load_state_dict(eager.G.state_dict()), graphed.D.load_state_dict(eager.D.state_dict())
+    graphed.sampler.load_state_dict(eager.sampler.state_dict())
+    for opt in (eager.opt_g, eager.opt_d):
         set_capturable(opt, True)
-    fast = graphed_step(graphed, 32)
+    fast = graphed_step(graphed, 32)  # also switches graphed's optimizers to capturable
     for _ in range(5):
         real, z = IMAGES[:32].cuda(), torch.randn(32, 8, device="cuda")
         out_eager, out_fast = eager.step(real, z), fast(real, z)
-        assert math.isclose(out_eager["loss/generator"].item(), out_fast["loss/generator"].item(), rel_tol=1e-4)
-    for a, b in zip(weights(eager), weights(graphed)):
+        assert math.isclose(out_eager["loss/generator"].item(), out_fast["loss/generator"].item(),
+                            rel_tol=1e-4, abs_tol=1e-6)
+    for a, b in zip(weights(eager) + list(eager.sampler.state_dict().values()),
+                    weights(graphed) + list(graphed.sampler.state_dict().values())):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
