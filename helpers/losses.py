@@ -1,6 +1,6 @@
 """Loss functions of the collection, each written as its formula (see the notebooks for the LaTeX).
 
-Sections: GAN losses (BCE, hinge, LSGAN) for 01/02 and later notebooks; further sections follow per notebook.
+Sections: GAN losses (BCE, LSGAN) for 01/02 and later notebooks; further sections follow per notebook.
 """
 from __future__ import annotations
 
@@ -28,20 +28,6 @@ def bce_generator_loss(d_fake: Tensor) -> Tensor:
     """Seed 003: g_loss = BCE(D(G(z)), 1) = -mean(log D(G(z))): the fakes labelled real (the
     non-saturating loss)."""
     return F.binary_cross_entropy(d_fake, torch.ones_like(d_fake))
-
-
-# --- GAN losses: hinge (Lim & Ye 2017; Miyato et al. 2018), the improved recipe of 01/02 -------
-
-
-def hinge_discriminator_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
-    """L_D = (mean(max(0, 1 - D(x))) + mean(max(0, 1 + D(G(z))))) / 2 on raw scores D(.) in R,
-    halved like the seed's d_loss. Samples beyond the margin (D(x) >= 1, D(G(z)) <= -1) add 0."""
-    return (F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()) / 2
-
-
-def hinge_generator_loss(d_fake: Tensor) -> Tensor:
-    """L_G = -mean(D(G(z))): raise D's score of the fakes."""
-    return -d_fake.mean()
 
 
 # --- GAN losses: least squares (LSGAN, Mao et al. 2017; pix2pixHD) -----------------------------

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
-from .losses import (bce_discriminator_loss, bce_generator_loss, hinge_discriminator_loss,
-                     hinge_generator_loss)
+from .losses import bce_discriminator_loss, bce_generator_loss
 from .plotting import save_figure
 from .training import History, Stopwatch, load_checkpoint, save_checkpoint
 
@@ -74,23 +73,22 @@ class Discriminator(nn.Module):
 
 
 def train_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer, real: Tensor,
-               z: Tensor, d_loss_fn: Callable[[Tensor, Tensor], Tensor] = bce_discriminator_loss,
-               g_loss_fn: Callable[[Tensor], Tensor] = bce_generator_loss) -> dict[str, Tensor]:
+               z: Tensor) -> dict[str, Tensor]:
     """One iteration of seed 003: a G step on the fakes G(z) labelled real, then a D step on
     d_loss = (real_loss + fake_loss) / 2 with the fakes detached. Returns the values to log."""
     fake = G(z)
-    g_loss = g_loss_fn(D(fake))
+    g_loss = bce_generator_loss(D(fake))
     opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
     opt_g.step()
 
     d_real, d_fake = D(real), D(fake.detach())
-    d_loss = d_loss_fn(d_real, d_fake)
+    d_loss = bce_discriminator_loss(d_real, d_fake)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
     return {"loss/generator": g_loss.detach(), "loss/discriminator": d_loss.detach(),
-            "D/real": d_real.detach().mean(), "D/fake": d_fake.detach().mean()}
+            "D(x)/real": d_real.detach().mean(), "D(x)/fake": d_fake.detach().mean()}
 
 
 @dataclass
@@ -140,21 +138,20 @@ class MinibatchStd(nn.Module):
 
 
 class ImprovedDiscriminator(nn.Module):
-    """The seed's discriminator with dropout after each hidden layer and a minibatch-std feature
-    before the last layer; a raw score out, no sigmoid."""
+    """The seed's discriminator with a minibatch-std feature before its last layer."""
 
-    def __init__(self, hidden: Sequence[int] = (512, 256), dropout: float = 0.3) -> None:
+    def __init__(self, hidden: Sequence[int] = (512, 256)) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = IMAGE_PIXELS
         for out in hidden:
-            layers += [nn.Linear(width, out), nn.LeakyReLU(0.2), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, out), nn.LeakyReLU(0.2)]
             width = out
-        layers += [MinibatchStd(), nn.Linear(width + 1, 1)]
+        layers += [MinibatchStd(), nn.Linear(width + 1, 1), nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, images: Tensor) -> Tensor:
-        """(N, 1, 28, 28) images -> (N, 1) scores in R: higher means 'more real'."""
+        """(N, 1, 28, 28) images -> (N, 1) probabilities in (0, 1)."""
         return self.net(images.flatten(1))
 
 
@@ -170,8 +167,8 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
 
 def improved_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer, G_ema: nn.Module,
                   decay: float, real: Tensor, z: Tensor) -> dict[str, Tensor]:
-    """The seed's step with the hinge losses, then the moving average of G's weights updated."""
-    out = train_step(G, D, opt_g, opt_d, real, z, hinge_discriminator_loss, hinge_generator_loss)
+    """The seed's step, then the moving average of G's weights updated."""
+    out = train_step(G, D, opt_g, opt_d, real, z)
     ema_update(G_ema, G, decay)
     return out
 
@@ -179,18 +176,17 @@ def improved_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer
 def improved_recipe(device: torch.device, latent_dim: int = 100,
                     g_hidden: Sequence[int] = (128, 256, 512, 1024),
                     d_hidden: Sequence[int] = (512, 256), lr_g: float = 1e-4, lr_d: float = 4e-4,
-                    betas: tuple[float, float] = (0.5, 0.999), dropout: float = 0.3,
-                    ema_decay: float = 0.99) -> Recipe:
-    """The improved recipe: the seed's G; D with dropout, a minibatch-std feature and raw scores;
-    hinge losses; two learning rates; samples drawn from a moving average of G's weights."""
+                    betas: tuple[float, float] = (0.0, 0.9), ema_decay: float = 0.99) -> Recipe:
+    """The improved recipe: the seed's G and losses; D with a minibatch-std feature; two learning
+    rates; Adam(betas); samples drawn from a moving average of G's weights."""
     G = Generator(latent_dim, g_hidden).to(device)
-    D = ImprovedDiscriminator(d_hidden, dropout).to(device)
+    D = ImprovedDiscriminator(d_hidden).to(device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas)
     config = {"recipe": "improved", "latent_dim": latent_dim, "g_hidden": list(g_hidden),
               "d_hidden": list(d_hidden), "lr_g": lr_g, "lr_d": lr_d, "betas": list(betas),
-              "dropout": dropout, "ema_decay": ema_decay}
+              "ema_decay": ema_decay}
     step = partial(improved_step, G, D, opt_g, opt_d, G_ema, ema_decay)
     return Recipe("improved", G, D, opt_g, opt_d, step, G_ema, config)
 

