@@ -157,12 +157,10 @@ class ImprovedDiscriminator(nn.Module):
 
 @torch.no_grad()
 def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average <- decay * average + (1 - decay) * model, weight by weight; batch-norm statistics
-    are copied."""
-    for mine, theirs in zip(average.parameters(), model.parameters()):
-        mine.lerp_(theirs, 1 - decay)
-    for mine, theirs in zip(average.buffers(), model.buffers()):
-        mine.copy_(theirs)
+    """average <- decay * average + (1 - decay) * model, for every weight and batch-norm statistic
+    (the count of batches seen is copied)."""
+    for mine, theirs in zip(average.state_dict().values(), model.state_dict().values()):
+        mine.lerp_(theirs, 1 - decay) if mine.is_floating_point() else mine.copy_(theirs)
 
 
 def improved_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer, G_ema: nn.Module,
@@ -175,18 +173,17 @@ def improved_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer
 
 def improved_recipe(device: torch.device, latent_dim: int = 100,
                     g_hidden: Sequence[int] = (128, 256, 512, 1024),
-                    d_hidden: Sequence[int] = (512, 256), lr_g: float = 1e-4, lr_d: float = 4e-4,
+                    d_hidden: Sequence[int] = (512, 256), lr: float = 2e-4,
                     betas: tuple[float, float] = (0.0, 0.9), ema_decay: float = 0.99) -> Recipe:
-    """The improved recipe: the seed's G and losses; D with a minibatch-std feature; two learning
-    rates; Adam(betas); samples drawn from a moving average of G's weights."""
+    """The improved recipe: the seed's G, losses and learning rate; D with a minibatch-std feature;
+    Adam(lr, betas) without momentum; samples drawn from a moving average of G's weights."""
     G = Generator(latent_dim, g_hidden).to(device)
     D = ImprovedDiscriminator(d_hidden).to(device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas)
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=betas)
     config = {"recipe": "improved", "latent_dim": latent_dim, "g_hidden": list(g_hidden),
-              "d_hidden": list(d_hidden), "lr_g": lr_g, "lr_d": lr_d, "betas": list(betas),
-              "ema_decay": ema_decay}
+              "d_hidden": list(d_hidden), "lr": lr, "betas": list(betas), "ema_decay": ema_decay}
     step = partial(improved_step, G, D, opt_g, opt_d, G_ema, ema_decay)
     return Recipe("improved", G, D, opt_g, opt_d, step, G_ema, config)
 

@@ -69,8 +69,7 @@ D_HIDDEN = (512, 256)                     # discriminator's hidden widths
 LEARNING_RATE = 2e-4
 BETAS = (0.5, 0.999)                      # Adam's β1, β2
 BATCH_SIZE = 64
-# the improved recipe (section 8): the same sizes, other training
-LR_G, LR_D = 1e-4, 4e-4                   # two time-scale learning rates
+# the improved recipe (section 8): the same sizes and learning rate, three changes
 IMPROVED_BETAS = (0.0, 0.9)               # Adam's β1, β2: no momentum
 EMA_DECAY = 0.99                          # moving average of G's weights, used for sampling
 # how long, and what to record
@@ -278,18 +277,19 @@ assert runs["seed"].epochs[-1]["fd"] < untrained["fd"], "training must beat the 
 
 # %% [markdown]
 # ## 8. An improved recipe
-# The seed's recipe works, but slowly. Four changes, each a few lines and each kept because it measurably helped
-# (table below); the generator, the losses, the batch and the iteration budget stay the seed's, and D gains one weight.
+# The seed's recipe works, but slowly. Three changes, each a few lines and each kept because it measurably helped
+# (table below); the generator, the losses, the learning rate, the batch and the iteration budget stay the seed's,
+# and D gains one weight.
 #
 # * **A minibatch-standard-deviation feature in D** (Karras et al. 2018): before its last layer, D also sees how
-#   much the images of its batch differ from each other, so a generator that makes similar images is caught.
-# * **Two time-scale learning rates** (TTUR, Heusel et al. 2017): D learns at 4·10⁻⁴, G at 1·10⁻⁴, so D stays
-#   close to its best response and G follows a better-informed signal.
-# * **Adam with β₁ = 0, β₂ = 0.9**, the setting of SN-GAN and BigGAN (Miyato et al. 2018; Brock et al. 2019): no
-#   momentum, so each player reacts to the other's current move rather than to an average of old ones.
+#   much the images of its batch differ from each other, so a generator whose images look alike is caught.
+# * **Adam with β₁ = 0, β₂ = 0.9** instead of (0.5, 0.999), the setting of WGAN-GP, SN-GAN and BigGAN (Gulrajani et
+#   al. 2017; Miyato et al. 2018; Brock et al. 2019): no momentum, so each player answers the other's current move
+#   rather than an average of old ones.
 # * **A moving average of G's weights for sampling** (EMA; Karras et al. 2018, Yazıcı et al. 2019):
-#   $\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta$ after every step, $\beta$ = `EMA_DECAY`; the
-#   average smooths the generator's oscillation around the game's equilibrium. Training itself is unchanged.
+#   $\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta$ after every step, $\beta$ = `EMA_DECAY`, batch-norm
+#   statistics averaged the same way. The average smooths the generator's oscillation around the game's
+#   equilibrium; training itself is unchanged.
 #
 # ABLATION TABLE TO COME
 
@@ -300,8 +300,8 @@ assert runs["seed"].epochs[-1]["fd"] < untrained["fd"], "training must beat the 
 # %% [helpers] mnist_gan: improved_recipe
 
 # %%
-new_improved_recipe = partial(improved_recipe, DEVICE, LATENT_DIM, G_HIDDEN, D_HIDDEN, LR_G, LR_D,
-                              IMPROVED_BETAS, EMA_DECAY)
+new_improved_recipe = partial(improved_recipe, DEVICE, LATENT_DIM, G_HIDDEN, D_HIDDEN,
+                              LEARNING_RATE, IMPROVED_BETAS, EMA_DECAY)
 improved = new_improved_recipe()
 print({name: f"{count_parameters(net):,} parameters" for name, net in (("G", improved.G),
                                                                       ("D", improved.D))})
@@ -505,17 +505,18 @@ print(path.read_text())
 #   strokes and details.
 # * The generator loss is a poor guide for choosing a checkpoint: it measures the state of the game, not the images.
 #   Score samples (here: a classifier-feature Fréchet distance and class coverage) and keep the best-scoring epoch.
-# * Better training beats a bigger budget: with the same networks and iterations, a minibatch-std feature in D, two
-#   learning rates, Adam without momentum and a moving average of G's weights divide the seed recipe's FD by
-#   FD_RATIO_TO_COME. Each change was kept only because a measurement said it helped.
+# * Better training beats a bigger budget: with the same networks and iterations, a minibatch-std feature in D,
+#   Adam without momentum and a moving average of G's weights divide the seed recipe's FD by FD_RATIO_TO_COME.
+#   Each change was kept only because a measurement said it helped; several popular ones did not, here.
 # * Everything you need to resume, compare and report is in `RUN_DIR`: per recipe `last.pt`, `best_by_*.pt` and
 #   TensorBoard logs; `samples.npz`, `metrics.json` and the PNG figures.
 
 # %% [markdown]
 # ## What to try next
-# * Remove one change of the improved recipe at a time (`LR_G = LR_D`, `IMPROVED_BETAS = BETAS`, the seed's
-#   `Discriminator` in `improved_recipe`, or sample with `improved.G` instead of the average) and watch the FD curve.
-# * Try what the table of section 8 rejected, in your own setting: dropout in D, the hinge loss, spectral norm.
+# * Remove one change of the improved recipe at a time (`IMPROVED_BETAS = BETAS`, the seed's `Discriminator` in
+#   `improved_recipe`, or sample with `improved.G` instead of the average) and watch the FD curve move.
+# * Try what the table of section 8 rejected, in your own setting: dropout in D, the hinge loss, two learning
+#   rates, spectral norm. `python tools/ablate_gan.py --list` runs them from a checkout.
 # * Replace the fully-connected networks by convolutional ones (DCGAN, Radford et al. 2016): the same loop trains them.
 # * Condition both networks on the class label (a conditional GAN) and check that the coverage reaches ln 10.
 # * Train longer: set `GAN_EPOCHS` and compare where each recipe's FD curve flattens.

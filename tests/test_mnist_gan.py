@@ -54,9 +54,11 @@ def test_ema_update_by_hand():
     average, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
     with torch.no_grad():
         average.weight.fill_(1.0), model.weight.fill_(3.0), model.running_mean.fill_(5.0)
+    model.num_batches_tracked.fill_(7)
     ema_update(average, model, decay=0.9)
     assert torch.allclose(average.weight, torch.full((2,), 1.2))  # 0.9 * 1 + 0.1 * 3
-    assert torch.equal(average.running_mean, model.running_mean)  # statistics are copied
+    assert torch.allclose(average.running_mean, torch.full((2,), 0.5))  # 0.9 * 0 + 0.1 * 5
+    assert average.num_batches_tracked.item() == 7  # a count: copied
 
 
 def test_improved_step_trains_g_and_d_and_moves_the_average_towards_g():
