@@ -128,33 +128,6 @@ def seed_recipe(device: torch.device, latent_dim: int = 100,
 # --- the improved recipe --------------------------------------------------------------------------
 
 
-class MinibatchStd(nn.Module):
-    """Appends one feature to every row: the batch's standard deviation, averaged over features."""
-
-    def forward(self, h: Tensor) -> Tensor:
-        """(N, F) -> (N, F + 1): a batch of near-identical fakes gets a telltale small value."""
-        spread = h.std(dim=0).mean().expand(len(h), 1)
-        return torch.cat([h, spread], dim=1)
-
-
-class ImprovedDiscriminator(nn.Module):
-    """The seed's discriminator with a minibatch-std feature before its last layer."""
-
-    def __init__(self, hidden: Sequence[int] = (512, 256)) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = IMAGE_PIXELS
-        for out in hidden:
-            layers += [nn.Linear(width, out), nn.LeakyReLU(0.2)]
-            width = out
-        layers += [MinibatchStd(), nn.Linear(width + 1, 1), nn.Sigmoid()]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """(N, 1, 28, 28) images -> (N, 1) probabilities in (0, 1)."""
-        return self.net(images.flatten(1))
-
-
 @torch.no_grad()
 def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
     """average <- decay * average + (1 - decay) * model, for every weight and batch-norm statistic
@@ -175,10 +148,10 @@ def improved_recipe(device: torch.device, latent_dim: int = 100,
                     g_hidden: Sequence[int] = (128, 256, 512, 1024),
                     d_hidden: Sequence[int] = (512, 256), lr: float = 2e-4,
                     betas: tuple[float, float] = (0.0, 0.9), ema_decay: float = 0.99) -> Recipe:
-    """The improved recipe: the seed's G, losses and learning rate; D with a minibatch-std feature;
-    Adam(lr, betas) without momentum; samples drawn from a moving average of G's weights."""
+    """The improved recipe: the seed's networks, losses and learning rate; Adam(lr, betas) without
+    momentum; samples drawn from a moving average of G's weights."""
     G = Generator(latent_dim, g_hidden).to(device)
-    D = ImprovedDiscriminator(d_hidden).to(device)
+    D = Discriminator(d_hidden).to(device)
     G_ema = copy.deepcopy(G).requires_grad_(False)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=betas)

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from helpers.mnist_gan import (Discriminator, Generator, ImprovedDiscriminator, MinibatchStd, Plan, Recipe,
+from helpers.mnist_gan import (Discriminator, Generator, Plan, Recipe,
                                batches, ema_update, generate, graphed_step, improved_recipe, seed_recipe,
                                set_capturable, train_gan, train_step, undone)
 
@@ -27,27 +27,6 @@ def test_generator_parameter_count_by_hand():
 def test_discriminator_parameter_count_by_hand():
     # Linear 784->512: 401,920 ; 512->256: 131,328 ; 256->1: 257 ; total 533,505
     assert count(Discriminator()) == 533_505
-
-
-def test_the_improved_discriminator_has_one_weight_more_than_the_seeds():
-    D = ImprovedDiscriminator()
-    assert count(D) == count(Discriminator()) + 1 == 533_506  # the minibatch-std feature's weight
-    assert D(torch.rand(3, 1, 28, 28)).shape == (3, 1)
-
-
-def test_the_improved_discriminator_sees_how_much_a_batch_varies():
-    # one image scored beside a copy of itself or beside another image: the seed's D gives it the same
-    # score both times, the improved D (which sees the batch's spread) does not
-    image, other = torch.rand(1, 1, 28, 28), torch.rand(1, 1, 28, 28)
-    for D, depends_on_batch in ((Discriminator(), False), (ImprovedDiscriminator(), True)):
-        alone, mixed = D(torch.cat([image, image]))[0], D(torch.cat([image, other]))[0]
-        assert torch.equal(alone, mixed) is not depends_on_batch
-
-
-def test_minibatch_std_by_hand():
-    # columns [1, 3] and [2, 2]: standard deviations (unbiased) sqrt(2) and 0, mean sqrt(2)/2
-    out = MinibatchStd()(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
-    assert out.shape == (2, 3) and torch.allclose(out[:, 2], torch.full((2,), math.sqrt(2) / 2))
 
 
 def test_ema_update_by_hand():

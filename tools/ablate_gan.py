@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 
 from helpers import data, metrics  # noqa: E402
 from helpers.environment import data_dir  # noqa: E402
-from helpers.mnist_gan import IMAGE_PIXELS, Generator, MinibatchStd, batches, generate  # noqa: E402
+from helpers.mnist_gan import IMAGE_PIXELS, Generator, batches, generate  # noqa: E402
 
 # name -> changes to the seed's recipe
 VARIANTS = {
@@ -42,11 +42,20 @@ VARIANTS = {
     "ttur+mbstd+adam09": {"ttur": True, "mbstd": True, "betas": (0.0, 0.9)},
     "ttur+mbstd": {"ttur": True, "mbstd": True},
     "ttur+adam09": {"ttur": True, "betas": (0.0, 0.9)},
-    "mbstd+adam09": {"mbstd": True, "betas": (0.0, 0.9)},  # the notebooks' choice, sampled with ema0.99
+    "mbstd+adam09": {"mbstd": True, "betas": (0.0, 0.9)},
     "mbstd": {"mbstd": True},
-    "adam09": {"betas": (0.0, 0.9)},
+    "adam09": {"betas": (0.0, 0.9)},  # the notebooks' improved recipe, sampled from ema0.99
 }
 AVERAGES = {"ema0.99": 0.99, "ema0.999": 0.999}  # decay of each moving average scored beside G
+
+
+class MinibatchStd(nn.Module):
+    """Appends one feature to every row: the batch's standard deviation, averaged over features
+    (Karras et al. 2018)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, F) -> (N, F + 1)."""
+        return torch.cat([h, h.std(dim=0).mean().expand(len(h), 1)], dim=1)
 
 
 def discriminator(spectral_norm: bool = False, dropout: float = 0.0, mbstd: bool = False) -> nn.Module:
