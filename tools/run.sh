@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 export DATA_DIR=${DATA_DIR:-$PWD/data} RUN_DIR=${RUN_DIR:-$PWD/runs} MPLBACKEND=Agg SMOKE=${SMOKE:-0}
-CPU_GAN_EPOCHS=10
+CPU_GAN_EPOCHS=6
 if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export GAN_EPOCHS=${GAN_EPOCHS:-$CPU_GAN_EPOCHS}
   echo "no GPU: full mode on the CPU, GAN notebooks bounded to GAN_EPOCHS=$GAN_EPOCHS epochs of 937 iterations"
@@ -18,7 +18,8 @@ fi
 for name in ${NB:-01_mnist_gan}; do
   [ -f "notebooks/$name.ipynb" ] || { echo "no notebook notebooks/$name.ipynb; NB takes names like 01_mnist_gan"; exit 2; }
   .venv/bin/python tools/execute.py "notebooks/$name.ipynb" "$RUN_DIR/executed/$name.ipynb"
-  folder="$RUN_DIR/$name$([ "$SMOKE" = 1 ] && echo -smoke)"
+  folder="$RUN_DIR/$name"
+  if [ "$SMOKE" = 1 ]; then folder="$folder-smoke"; fi
   echo "$name: executed notebook $RUN_DIR/executed/$name.ipynb; figures, samples, checkpoints and metrics.json in $folder"
   .venv/bin/python - "$folder" <<'EOF'
 import json, sys
