@@ -16,7 +16,8 @@ from torch import Tensor
 def bce_discriminator_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
     """Seed 003: d_loss = (real_loss + fake_loss) / 2, with D's outputs as probabilities in (0, 1).
 
-    real_loss = BCE(D(x), 1) = -mean(log D(x));  fake_loss = BCE(D(G(z)), 0) = -mean(log(1 - D(G(z)))).
+    real_loss = BCE(D(x), 1) = -mean(log D(x))
+    fake_loss = BCE(D(G(z)), 0) = -mean(log(1 - D(G(z))))
     """
     real_loss = F.binary_cross_entropy(d_real, torch.ones_like(d_real))
     fake_loss = F.binary_cross_entropy(d_fake, torch.zeros_like(d_fake))
@@ -24,7 +25,8 @@ def bce_discriminator_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
 
 
 def bce_generator_loss(d_fake: Tensor) -> Tensor:
-    """Seed 003: g_loss = BCE(D(G(z)), 1) = -mean(log D(G(z))), the fakes labelled real (non-saturating loss)."""
+    """Seed 003: g_loss = BCE(D(G(z)), 1) = -mean(log D(G(z))): the fakes labelled real (the
+    non-saturating loss)."""
     return F.binary_cross_entropy(d_fake, torch.ones_like(d_fake))
 
 

@@ -1,8 +1,17 @@
-"""The seed-003 GAN: parameter counts by hand, shapes, one step, and a short run that must learn."""
+"""The seed-003 GAN: parameter counts by hand, shapes, one step, a short run that must learn, resume through the
+real training loop, and the fast path's bookkeeping."""
+import copy
+import math
+from functools import partial
+
 import pytest
 import torch
 
-from helpers.mnist_gan import Discriminator, Generator, batches, generate, train_step
+from helpers.mnist_gan import (Discriminator, Generator, Plan, Recipe,
+                               batches, ema_update, generate, graphed_step, improved_recipe, seed_recipe,
+                               set_capturable, train_gan, train_step, undone)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(model):
@@ -20,12 +29,35 @@ def test_discriminator_parameter_count_by_hand():
     assert count(Discriminator()) == 533_505
 
 
-def test_shapes_and_ranges():
+def test_ema_update_by_hand():
+    average, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        average.weight.fill_(1.0), model.weight.fill_(3.0), model.running_mean.fill_(5.0)
+    model.num_batches_tracked.fill_(7)
+    ema_update(average, model, decay=0.9)
+    assert torch.allclose(average.weight, torch.full((2,), 1.2))  # 0.9 * 1 + 0.1 * 3
+    assert torch.allclose(average.running_mean, torch.full((2,), 0.5))  # 0.9 * 0 + 0.1 * 5
+    assert average.num_batches_tracked.item() == 7  # a count: copied
+
+
+def test_improved_step_trains_g_and_d_and_moves_the_average_towards_g():
+    torch.manual_seed(0)
+    recipe = improved_recipe(torch.device("cpu"), 8, (16, 32), (16,), ema_decay=0.5)
+    g_before, ema_before = copy.deepcopy(recipe.G), copy.deepcopy(recipe.sampler)
+    d_before = copy.deepcopy(recipe.D)
+    out = recipe.step(IMAGES[:32], torch.randn(32, 8))
+    changed = lambda a, b: not torch.equal(next(a.parameters()), next(b.parameters()))  # noqa: E731
+    assert changed(recipe.G, g_before) and changed(recipe.D, d_before)
+    expected = 0.5 * next(ema_before.parameters()) + 0.5 * next(recipe.G.parameters())
+    assert torch.allclose(next(recipe.sampler.parameters()), expected)
+    assert set(out) == {"loss/generator", "loss/discriminator", "D(x)/real", "D(x)/fake"}
+
+
+def test_shapes_and_the_discriminator_is_a_probability_even_for_extreme_inputs():
     G, D = Generator(16), Discriminator()
-    images = G(torch.randn(5, 16))
-    assert images.shape == (5, 1, 28, 28) and images.abs().max() <= 1
-    prob = D(images)
-    assert prob.shape == (5, 1) and ((prob > 0) & (prob < 1)).all()
+    assert G(torch.randn(5, 16)).shape == (5, 1, 28, 28)
+    prob = D(torch.full((3, 1, 28, 28), 1e4))
+    assert prob.shape == (3, 1) and ((prob >= 0) & (prob <= 1)).all()
 
 
 def test_generate_is_repeatable_for_a_seed():
@@ -34,11 +66,15 @@ def test_generate_is_repeatable_for_a_seed():
     assert not torch.equal(generate(G, 10, torch.device("cpu"), seed=3), generate(G, 10, torch.device("cpu"), seed=4))
 
 
-def test_batches_cover_the_data_once_without_the_last_partial_batch():
+def test_batches_pass_over_the_data_in_a_new_order_each_time():
     data = torch.arange(10).float()
-    out = batches(data, 4, torch.Generator().manual_seed(0))
-    assert [len(b) for b in out] == [4, 4]
-    assert len(set(torch.cat(out).tolist())) == 8
+    out = batches(data, 4, 2, torch.Generator().manual_seed(0))
+    assert [len(b) for b in out] == [4, 4] and len(set(torch.cat(out).tolist())) == 8  # one pass, drop_last
+    out = batches(data, 4, 5, torch.Generator().manual_seed(0))  # 2 batches per pass: 3 passes, 5 batches
+    passes = [torch.cat(out[0:2]), torch.cat(out[2:4])]
+    assert all(len(set(p.tolist())) == 8 for p in passes) and not torch.equal(*passes)
+    with pytest.raises(ValueError, match="3 images make no batch of 4"):
+        batches(data[:3], 4, 1, torch.Generator())
 
 
 def test_training_moves_the_generator_towards_the_data():
@@ -51,7 +87,94 @@ def test_training_moves_the_generator_towards_the_data():
     start = (G.eval()(torch.randn(64, 8)).mean() - 0.8).abs().item()
     G.train()
     for _ in range(150):
-        out = train_step(G, D, opt_g, opt_d, real)
+        out = train_step(G, D, opt_g, opt_d, real, torch.randn(32, 8))
     end = (G.eval()(torch.randn(64, 8)).mean() - 0.8).abs().item()
     assert end < 0.5 * start, (start, end)
     assert set(out) == {"loss/generator", "loss/discriminator", "D(x)/real", "D(x)/fake"}
+
+
+# --- the training loop: resume through the real path ---------------------------------------------------------
+
+IMAGES = torch.rand(96, 1, 28, 28) * 2 - 1  # 3 batches of 32 per epoch
+
+
+def tiny_recipe() -> Recipe:
+    """A fresh small seed recipe, as a new session would build it."""
+    return seed_recipe(torch.device("cpu"), 8, (16, 32), (16,), lr=2e-3)
+
+
+def tiny_plan(epochs: int) -> Plan:
+    quality = lambda G: {"fd": float(G(torch.ones(2, 8)).mean()), "coverage_nats": 0.0}  # noqa: E731
+    return Plan(epochs, 3, 32, 0, 2, (4,), torch.zeros(4, 8), quality)
+
+
+def weights(recipe: Recipe) -> list[torch.Tensor]:
+    return [*recipe.G.state_dict().values(), *recipe.D.state_dict().values()]
+
+
+def test_an_interrupted_run_resumed_in_a_fresh_session_equals_a_straight_run(tmp_path):
+    torch.manual_seed(0)
+    straight = tiny_recipe()
+    straight_run = train_gan(straight, IMAGES, tiny_plan(3), tmp_path / "straight")
+
+    torch.manual_seed(0)
+    first = tiny_recipe()
+    train_gan(first, IMAGES, tiny_plan(1), tmp_path / "resumed")
+    torch.manual_seed(12345)  # a new session: other random state, fresh models, optimizers and run
+    resumed = tiny_recipe()
+    resumed_run = train_gan(resumed, IMAGES, tiny_plan(3), tmp_path / "resumed")
+
+    assert resumed_run.step == straight_run.step == 9 and resumed_run.epoch == 3
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(straight)))
+    assert [e["g_loss"] for e in resumed_run.epochs] == [e["g_loss"] for e in straight_run.epochs]
+    assert resumed_run.history.series("loss/generator") == straight_run.history.series("loss/generator")
+    assert sorted(resumed_run.snapshots) == [4, 9]
+
+
+# --- the fast path --------------------------------------------------------------------------------------------
+
+
+def test_undone_restores_weights_and_optimizer_state_so_later_steps_equal_a_fresh_copy():
+    torch.manual_seed(0)
+    recipe = tiny_recipe()
+    twin = copy.deepcopy(recipe)  # same weights, optimizers without state
+    twin.step = partial(train_step, twin.G, twin.D, twin.opt_g, twin.opt_d)
+    real, z = IMAGES[:32], torch.randn(32, 8)
+    with undone(recipe):  # what graphed_step does with its warm-up steps
+        for _ in range(3):
+            recipe.step(real, z)
+    assert all(torch.equal(a, b) for a, b in zip(weights(recipe), weights(twin)))
+    for _ in range(2):
+        recipe.step(real, z), twin.step(real, z)
+    assert all(torch.equal(a, b) for a, b in zip(weights(recipe), weights(twin)))
+
+
+def test_set_capturable_moves_adam_step_counters_and_back():
+    recipe = tiny_recipe()
+    recipe.step(IMAGES[:32], torch.randn(32, 8))
+    set_capturable(recipe.opt_g, False)
+    steps = [s["step"] for s in recipe.opt_g.state.values()]
+    assert all(s.device.type == "cpu" and s.dtype == torch.float32 and s.item() == 1 for s in steps)
+    assert all(g["capturable"] is False for g in recipe.opt_g.param_groups)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (skipped on CPU)")
+@pytest.mark.parametrize("build", [
+    lambda: seed_recipe(torch.device("cuda"), 8, (16, 32), (16,), lr=2e-3),
+    lambda: improved_recipe(torch.device("cuda"), 8, (16, 32), (16,))])
+def test_cuda_graph_step_gives_the_eager_updates(build):
+    torch.manual_seed(0)
+    eager, graphed = build(), build()
+    graphed.G.load_state_dict(eager.G.state_dict()), graphed.D.load_state_dict(eager.D.state_dict())
+    graphed.sampler.load_state_dict(eager.sampler.state_dict())
+    for opt in (eager.opt_g, eager.opt_d):
+        set_capturable(opt, True)
+    fast = graphed_step(graphed, 32)  # also switches graphed's optimizers to capturable
+    for _ in range(5):
+        real, z = IMAGES[:32].cuda(), torch.randn(32, 8, device="cuda")
+        out_eager, out_fast = eager.step(real, z), fast(real, z)
+        assert math.isclose(out_eager["loss/generator"].item(), out_fast["loss/generator"].item(),
+                            rel_tol=1e-4, abs_tol=1e-6)
+    for a, b in zip(weights(eager) + list(eager.sampler.state_dict().values()),
+                    weights(graphed) + list(graphed.sampler.state_dict().values())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
