@@ -165,11 +165,12 @@ def l1_image_loss(fake: Tensor, real: Tensor) -> Tensor:
 
 
 def mode_seeking_loss(fake_1: Tensor, fake_2: Tensor, z_1: Tensor, z_2: Tensor,
-                      eps: float = 1e-5) -> Tensor:
-    """Mode seeking (Mao et al. 2019): 1 / (mean|G(z1, t) - G(z2, t)| / mean|z1 - z2| + eps), small
-    when two noise vectors give images far apart for the same text."""
+                      cap: float | None = None, eps: float = 1e-5) -> Tensor:
+    """Mode seeking (Mao et al. 2019): 1 / (r + eps), r = mean|G(z1, t) - G(z2, t)| / mean|z1 - z2|,
+    small when two noise vectors give images far apart for the same text. With `cap`, r counts only
+    up to cap (no push beyond the variety of the real images)."""
     ratio = (fake_1 - fake_2).abs().mean() / (z_1 - z_2).abs().mean()
-    return 1 / (ratio + eps)
+    return 1 / (ratio.clamp(max=cap) + eps) if cap is not None else 1 / (ratio + eps)
 
 
 # --- pix2pixHD: feature matching, VGG perceptual loss, generator total (Wang et al. 2018; notebook 05) ---------

@@ -210,26 +210,27 @@ def describe(attributes: Sequence[int], template: int = 0) -> str:
 
 SHAPE_RADIUS = {"small": 0.12, "large": 0.2}  # circumradius as a fraction of the image side
 CORNER_CENTRE = (0.27, 0.73)                    # shape centre in a quadrant, as a fraction of the side
-JITTER = {"position": 0.07, "size": 0.15}       # uniform +- jitter: of the side, and relative to the radius
+JITTER = {"position": 0.08, "size": 0.2, "turn": 0.0}  # uniform +-: of the side, of the radius, of a turn
 
 
 def shape_outline(shape: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
-    """Vertices of a square or equilateral triangle of circumradius `radius` around (cx, cy), turned by `angle`."""
-    corners = {"square": 4, "triangle": 3}[shape]
-    turns = [angle + 2 * math.pi * k / corners - math.pi / 2 for k in range(corners)]
+    """Vertices of a square or equilateral triangle of circumradius `radius` around (cx, cy), turned by `angle`
+    from upright (square: sides level; triangle: apex up)."""
+    corners, start = {"square": (4, math.pi / 4), "triangle": (3, -math.pi / 2)}[shape]
+    turns = [angle + start + 2 * math.pi * k / corners for k in range(corners)]
     return [(cx + radius * math.cos(t), cy + radius * math.sin(t)) for t in turns]
 
 
 def render_shape(attributes: Sequence[int], image_size: int = 64, rng: random.Random | None = None) -> np.ndarray:
-    """An RGB uint8 image (H, W, 3): one filled shape on white; `rng` jitters its place, size and rotation, so
-    images of one caption differ (what the generator's noise has to produce)."""
+    """An RGB uint8 image (H, W, 3): one filled shape on white; `rng` jitters its place and size (and turns it
+    when JITTER["turn"] > 0), so images of one caption differ: what the generator's noise has to produce."""
     rng = rng or random.Random(0)
     colour, shape, size, position = attributes
     s = image_size
     radius = s * SHAPE_RADIUS[SIZES[size]] * rng.uniform(1 - JITTER["size"], 1 + JITTER["size"])
     cx = s * (CORNER_CENTRE[position % 2] + rng.uniform(-JITTER["position"], JITTER["position"]))
     cy = s * (CORNER_CENTRE[position // 2] + rng.uniform(-JITTER["position"], JITTER["position"]))
-    angle = rng.uniform(0, 2 * math.pi)
+    angle = rng.uniform(-math.pi, math.pi) * JITTER["turn"]
     image = Image.new("RGB", (s, s), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     fill = list(COLOURS.values())[colour]
@@ -266,6 +267,16 @@ class CaptionedImageSet:
         """The images at indices `idx`, in [-1, 1]."""
         return self.images[idx]
 
+    @property
+    def class_labels(self) -> Tensor:
+        """(N, 4): each image's colour, shape, size and position: the labels D's classifier learns."""
+        return self.attributes
+
+    @property
+    def class_counts(self) -> tuple[int, ...]:
+        """How many values each label takes: 4 colours, 3 shapes, 2 sizes, 4 positions."""
+        return tuple(len(values) for values in ATTRIBUTES.values())
+
 
 def make_shapes(n: int, combinations: Sequence[tuple], image_size: int = 64, seed: int = 0,
                 captions_per_image: int = len(TEMPLATES)) -> CaptionedImageSet:
@@ -286,14 +297,30 @@ def make_shapes(n: int, combinations: Sequence[tuple], image_size: int = 64, see
         attributes=torch.tensor(picks))
 
 
-def sample_batch(data: CaptionedImageSet | FlowersWithCaptions, batch_size: int,
-                 generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Random images, one random caption id of each, a mismatching caption id from another group, the groups."""
+def sample_batch(data: CaptionedImageSet | FlowersWithCaptions, batch_size: int, generator: torch.Generator,
+                 pack: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Random images, one random caption id of each, a mismatching caption id from another group, and the
+    images' class labels (B, K). With pack > 1 each image comes with pack - 1 other images of its group,
+    stacked on the channels: (B, 3 * pack, H, W), what a packing discriminator reads."""
     idx = torch.randint(len(data), (batch_size,), generator=generator)
     choice = torch.randint(1 << 30, (batch_size,), generator=generator).tolist()
     right = torch.tensor([data.caption_ids[i][c % len(data.caption_ids[i])] for i, c in zip(idx.tolist(), choice)])
-    groups = data.groups[idx]
-    return data.image_batch(idx), right, mismatched_captions(groups, data.caption_groups, generator), groups
+    wrong = mismatched_captions(data.groups[idx], data.caption_groups, generator)
+    images = torch.cat([data.image_batch(idx)] + [data.image_batch(group_mates(data, idx, generator))
+                                                  for _ in range(pack - 1)], dim=1)
+    return images, right, wrong, data.class_labels[idx]
+
+
+def group_mates(data: CaptionedImageSet | FlowersWithCaptions, idx: Tensor, generator: torch.Generator) -> Tensor:
+    """For each index, a random other image of the same group (attribute combination or class)."""
+    mates = []
+    for a in idx.tolist():
+        others = (data.groups == data.groups[a]).nonzero().flatten()
+        others = others[others != a]
+        if not len(others):
+            raise ValueError(f"image {a} is the only one of its group; give more images per group")
+        mates.append(int(others[torch.randint(len(others), (1,), generator=generator)]))
+    return torch.tensor(mates)
 
 
 def mismatched_captions(groups: Tensor, caption_groups: Tensor, generator: torch.Generator) -> Tensor:
@@ -544,6 +571,7 @@ class FlowersWithCaptions(torch.utils.data.Dataset):
         for ids, label in zip(self.caption_ids, self.labels):
             self.caption_groups[ids] = label
         self.groups = torch.tensor(self.labels)
+        self.class_labels, self.class_counts = self.groups[:, None], (102,)  # the species, for D's classifier
         self.transform = (v2.Compose([v2.RandomCrop(image_size), v2.RandomHorizontalFlip()]) if train
                           else v2.CenterCrop(image_size))
 
@@ -632,15 +660,16 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """D(x, t): strided convs to a 4x4 map; the projected text replicated over it and concatenated;
     1x1 conv, 4x4 conv to one logit. projection=True adds the projection discriminator's term
-    (Miyato & Koyama 2018), <W text code, image features summed over 4x4>; n_classes > 0 adds
-    TAC-GAN's classifier (Dash et al. 2017): classify(features) names the class from the image."""
+    (Miyato & Koyama 2018), <W text code, image features summed over 4x4>; n_classes (values
+    per label, e.g. (102,) species) adds TAC-GAN's heads (Dash et al. 2017) on the features."""
 
     def __init__(self, embedding_dim: int, projected_dim: int = 128, ndf: int = 64,
-                 image_size: int = 64, projection: bool = False, n_classes: int = 0) -> None:
+                 image_size: int = 64, projection: bool = False, n_classes: Sequence[int] = (),
+                 pack: int = 1) -> None:
         super().__init__()
         widths = feature_map_widths(ndf, image_size)[::-1]
-        c = widths[-1]
-        layers = [nn.Conv2d(3, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        c, self.pack = widths[-1], pack
+        layers = [nn.Conv2d(3 * pack, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         for a, b in zip(widths, widths[1:]):
             layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b),
                        nn.LeakyReLU(0.2, True)]
@@ -650,8 +679,7 @@ class Discriminator(nn.Module):
                                    nn.BatchNorm2d(c), nn.LeakyReLU(0.2, True))
         self.score = nn.Conv2d(c, 1, 4, 1, 0, bias=False)
         self.text_to_features = nn.Linear(projected_dim, c, bias=False) if projection else None
-        self.classify = (nn.Sequential(nn.Flatten(), nn.Linear(c * 16, n_classes)) if n_classes
-                         else None)
+        self.class_heads = nn.ModuleList(nn.Linear(c * 16, n) for n in n_classes)
         self.apply(dcgan_init)
 
     def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
@@ -677,22 +705,49 @@ class TextToImageRecipe:
     feature_matching: float = 0.0  # seed: MSE of D's mean image features, fakes vs reals
     l1: float = 0.0                # seed: L1 to the real image of the same caption
     mode_seeking: float = 0.0      # Mao et al. 2019: two noise vectors, one caption, images apart
-    auxiliary: float = 0.0         # TAC-GAN: D's classifier names the class (D needs n_classes)
+    mode_seeking_cap: float | None = None  # no reward for images further apart than this ratio
+    auxiliary: float = 0.0         # TAC-GAN: D's heads name the labels (D needs n_classes)
+
+
+def packed(images: Tensor, pack: int) -> Tensor:
+    """(pack * B, 3, H, W) images, `pack` chunks of B (one image per caption in each chunk), as
+    (B, 3 * pack, H, W): the images of one caption stacked on the channels, as D reads them."""
+    return torch.cat(images.chunk(pack), dim=1) if pack > 1 else images
+
+
+MEAN_Z_DISTANCE = 2 / math.sqrt(math.pi)  # E|z1 - z2| per component for z1, z2 ~ N(0, 1)
+
+
+def same_caption_pixel_distance(data: CaptionedImageSet | FlowersWithCaptions, n_pairs: int,
+                                generator: torch.Generator) -> float:
+    """Mean |x_a - x_b| over pixels in [-1, 1] of `n_pairs` pairs of different real images of one group
+    (attribute combination or class): how far apart the images that fit one caption are."""
+    idx = torch.randint(len(data), (n_pairs,), generator=generator)
+    mates = group_mates(data, idx, generator)
+    return (data.image_batch(idx) - data.image_batch(mates)).abs().mean().item()
+
+
+def auxiliary_class_loss(D: Discriminator, features: Tensor, labels: Tensor) -> Tensor:
+    """TAC-GAN's term: cross-entropy of D's class heads on image features (B, C, 4, 4) against the
+    labels (B, K), summed over the K heads."""
+    flat = features.flatten(1)
+    return sum(F.cross_entropy(head(flat).float(), labels[:, k])
+               for k, head in enumerate(D.class_heads))
 
 
 def gan_cls_discriminator_step(D: Discriminator, opt_d: torch.optim.Optimizer,
                                scaler: torch.amp.GradScaler, images: Tensor, fake: Tensor,
-                               h: Tensor, h_wrong: Tensor, classes: Tensor,
+                               h: Tensor, h_wrong: Tensor, labels: Tensor,
                                recipe: TextToImageRecipe) -> dict[str, Tensor]:
     """GAN-CLS: (real image, right text) -> real; (real, wrong text) and (fake, right text) -> fake;
-    with recipe.auxiliary, D's classifier also learns the classes of the real images."""
+    with recipe.auxiliary, D's class heads also learn the labels of the real images."""
     with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
         s_r, real_features = D(images, h)
         s_w, _ = D(images, h_wrong)
         s_f, _ = D(fake.detach(), h)
     loss = gan_cls_discriminator_loss(s_r.float(), s_w.float(), s_f.float())
     if recipe.auxiliary:
-        loss = loss + recipe.auxiliary * F.cross_entropy(D.classify(real_features).float(), classes)
+        loss = loss + recipe.auxiliary * auxiliary_class_loss(D, real_features, labels)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt_d)
@@ -703,7 +758,7 @@ def gan_cls_discriminator_step(D: Discriminator, opt_d: torch.optim.Optimizer,
 
 def gan_cls_generator_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
                            scaler: torch.amp.GradScaler, images: Tensor, z: Tensor, fake: Tensor,
-                           h: Tensor, classes: Tensor,
+                           h: Tensor, labels: Tensor,
                            recipe: TextToImageRecipe) -> dict[str, Tensor]:
     """GAN-CLS generator loss against D after its step, plus the weighted terms of `recipe`."""
     with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
@@ -711,7 +766,7 @@ def gan_cls_generator_step(G: Generator, D: Discriminator, opt_g: torch.optim.Op
         terms = {"gan": gan_cls_generator_loss(s_f.float())}
         if recipe.gan_int:
             h_int = interpolate_embeddings(h, h.roll(1, dims=0), recipe.beta)  # caption i and i - 1
-            s_int, _ = D(G(torch.randn_like(z), h_int), h_int)
+            s_int, _ = D(packed(G(torch.randn_like(z), h_int.repeat(D.pack, 1)), D.pack), h_int)
             terms["int"] = recipe.gan_int * gan_cls_generator_loss(s_int.float())
         if recipe.feature_matching:
             with torch.no_grad():
@@ -721,12 +776,12 @@ def gan_cls_generator_step(G: Generator, D: Discriminator, opt_g: torch.optim.Op
         if recipe.l1:
             terms["l1"] = recipe.l1 * l1_image_loss(fake.float(), images)
         if recipe.mode_seeking:
-            half, z_2 = len(z) // 2, torch.randn_like(z[: len(z) // 2])
-            ms = mode_seeking_loss(fake[:half].float(), G(z_2, h[:half]).float(), z[:half], z_2)
+            half, z_2 = len(h) // 2, torch.randn_like(z[: len(h) // 2])
+            ms = mode_seeking_loss(fake[:half, :3].float(), G(z_2, h[:half]).float(), z[:half], z_2,
+                                   recipe.mode_seeking_cap)
             terms["ms"] = recipe.mode_seeking * ms
         if recipe.auxiliary:
-            aux = F.cross_entropy(D.classify(fake_features).float(), classes)
-            terms["aux"] = recipe.auxiliary * aux
+            terms["aux"] = recipe.auxiliary * auxiliary_class_loss(D, fake_features, labels)
     loss = sum(terms.values())
     opt_g.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -736,15 +791,16 @@ def gan_cls_generator_step(G: Generator, D: Discriminator, opt_g: torch.optim.Op
 
 def gan_cls_train_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
                        opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: Tensor,
-                       h: Tensor, h_wrong: Tensor, classes: Tensor,
+                       h: Tensor, h_wrong: Tensor, labels: Tensor,
                        recipe: TextToImageRecipe) -> dict[str, Tensor]:
-    """One iteration: fakes from fresh noise, a discriminator step, then a generator step."""
-    z = torch.randn(len(images), G.z_dim, device=images.device)
+    """One iteration: fakes from fresh noise (D.pack per caption), a discriminator step, then a
+    generator step."""
+    z = torch.randn(len(images) * D.pack, G.z_dim, device=images.device)
     with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
-        fake = G(z, h)
-    scalars = gan_cls_discriminator_step(D, opt_d, scaler, images, fake, h, h_wrong, classes,
+        fake = packed(G(z, h.repeat(D.pack, 1)), D.pack)
+    scalars = gan_cls_discriminator_step(D, opt_d, scaler, images, fake, h, h_wrong, labels,
                                          recipe)
-    scalars.update(gan_cls_generator_step(G, D, opt_g, scaler, images, z, fake, h, classes,
+    scalars.update(gan_cls_generator_step(G, D, opt_g, scaler, images, z, fake, h, labels,
                                           recipe))
     scaler.update()
     return scalars
@@ -787,7 +843,7 @@ def train_text_to_image(state: dict, batch_at: Callable[[int], tuple[Tensor, ...
                         config: dict, fixed: tuple[Tensor, Tensor]) -> TextToImageRun:
     """Train to schedule.iterations, first resuming from `checkpoint` if it exists. `state`
     holds G, D, opt_g, opt_d, scaler, run; batch_at(i) is iteration i's (images, h, h_wrong,
-    classes)."""
+    labels)."""
     G, D, run = state["G"], state["D"], state["run"]
     if checkpoint.exists():
         load_checkpoint(checkpoint, state, config)
@@ -797,10 +853,10 @@ def train_text_to_image(state: dict, batch_at: Callable[[int], tuple[Tensor, ...
         lr = schedule.lr * 0.5 ** ((step - 1) // schedule.lr_halving_every)
         for group in [*state["opt_g"].param_groups, *state["opt_d"].param_groups]:
             group["lr"] = lr
-        images, h, h_wrong, classes = batch_at(step)
+        images, h, h_wrong, labels = batch_at(step)
         with run.stopwatch:
             scalars = gan_cls_train_step(G, D, state["opt_g"], state["opt_d"], state["scaler"],
-                                         images, h, h_wrong, classes, recipe)
+                                         images, h, h_wrong, labels, recipe)
         run.stopwatch.count(1, len(images))
         run.history.log(step, **scalars)
         run.step = step

@@ -34,7 +34,7 @@ import textwrap
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import torch
@@ -48,12 +48,13 @@ from helpers.metrics import clip_score
 from helpers.plotting import plot_losses, save_figure, show_over_iterations, show_rows
 from helpers.sd_lora import TINY_MODEL_ID, load_clip
 from helpers.text2image import (
-    ATTRIBUTES, DEFAULT_ENCODER, LOCAL_ENCODER_ENV, TEMPLATES, EmbeddingCache, FlowersWithCaptions,
-    TextEncoder, all_combinations, attribute_accuracy, caption_accuracy, dcgan_init, derangement,
-    describe, download_flowers_captions, feature_map_widths, flowers_class_split, generate,
-    images_per_caption, load_flowers_captions, make_shapes, mean_and_spread,
-    real_images_per_combination, sample_batch, seeded_noise, split_combinations, text_projection,
-    train_attribute_classifier, within_caption_spread)
+    ATTRIBUTES, DEFAULT_ENCODER, LOCAL_ENCODER_ENV, TEMPLATES, EmbeddingCache,
+    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, caption_accuracy,
+    dcgan_init, derangement, describe, download_flowers_captions, feature_map_widths,
+    flowers_class_split, generate, images_per_caption, load_flowers_captions, make_shapes,
+    mean_and_spread, real_images_per_combination, sample_batch,
+    seeded_noise, split_combinations, text_projection, train_attribute_classifier,
+    within_caption_spread)
 from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint,
                               save_checkpoint, write_metrics)
 
@@ -74,15 +75,17 @@ LOCAL_ENCODER = os.environ.get(LOCAL_ENCODER_ENV)  # a local copy of the default
 Z_DIM = 100                                     # paper: z of 100, text projected to 128
 PROJECTED_DIM = 128
 NGF = NDF = 16 if SMOKE or CPU_RUN else 64      # feature maps at the finest level (paper: 64)
-BATCH_SIZE = 32 if SMOKE else 64                # paper: 64
+BATCH_SIZE = 32 if SMOKE else 64                # real images per step (paper: 64)
 ITERATIONS = int(os.environ.get("T2I_ITERATIONS", 60 if SMOKE else 3000 if CPU_RUN else 30_000))
 LR, BETAS = 2e-4, (0.5, 0.999)                  # paper: Adam 2e-4, beta1 0.5
 LR_HALVING_EVERY = 11_000 if DATASET == "flowers" else 10**9  # paper: halve every 100 epochs
-RECIPES = {  # model options and generator loss weights; section 7 gives the reason for each change
+RECIPES = {  # model options and loss weights; section 7 gives the measured reason for each change
     "paper": {"model": {}, "loss": {"gan_int": 1.0}},
-    "improved": {"model": {"conditional_bn": True, "projection": True, "auxiliary": True},
-                 "loss": {"gan_int": 1.0, "auxiliary": 1.0}},
+    "improved": {"model": {"conditional_bn": True, "projection": True, "auxiliary": True,
+                           "pack": 2},
+                 "loss": {"gan_int": 1.0 if DATASET == "flowers" else 0.0, "auxiliary": 1.0}},
 }
+PACK = RECIPES[RECIPE]["model"].get("pack", 1)  # images per caption that D judges together
 SNAPSHOT_EVERY = 20 if SMOKE else (500 if CPU_RUN else 5000)
 CHECKPOINT_EVERY = 30 if SMOKE else (500 if CPU_RUN else 2000)
 
@@ -281,12 +284,12 @@ assert train_table.shape == (len(train_data.captions), encoder.dim)
 
 
 def batch_at(step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Iteration `step`'s (images, right and wrong embeddings, classes), seeded by the step: a
-    resumed run sees the batches a straight run would."""
+    """Iteration `step`'s (images, right and wrong embeddings, class labels), seeded by the step:
+    a resumed run sees the batches a straight run would."""
     rng = torch.Generator().manual_seed(SEED * 1_000_003 + step)
-    images, right, wrong, classes = sample_batch(train_data, BATCH_SIZE, rng)
+    images, right, wrong, labels = sample_batch(train_data, BATCH_SIZE // PACK, rng, PACK)
     return (images.to(DEVICE, non_blocking=True), train_table[right.to(DEVICE)],
-            train_table[wrong.to(DEVICE)], classes.to(DEVICE))
+            train_table[wrong.to(DEVICE)], labels.to(DEVICE))
 
 # %% [markdown]
 # ## 5. Generator and discriminator
@@ -307,6 +310,8 @@ def batch_at(step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 # %% [helpers] text2image: Discriminator
 
+# %% [helpers] text2image: packed
+
 # %%
 def build_models() -> tuple[Generator, Discriminator]:
     """A fresh generator and discriminator with this notebook's parameters and recipe."""
@@ -315,22 +320,22 @@ def build_models() -> tuple[Generator, Discriminator]:
                   conditional_bn=options.get("conditional_bn", False))
     d = Discriminator(encoder.dim, PROJECTED_DIM, NDF, IMAGE_SIZE,
                       projection=options.get("projection", False),
-                      n_classes=N_CLASSES if options.get("auxiliary") else 0)
+                      n_classes=train_data.class_counts if options.get("auxiliary") else (),
+                      pack=PACK)
     memory_format = torch.channels_last if DEVICE.type == "cuda" else torch.contiguous_format
     return g.to(DEVICE, memory_format=memory_format), d.to(DEVICE, memory_format=memory_format)
 
 
-N_CLASSES = int(train_data.caption_groups.max()) + 1  # flower species, or attribute combinations
 G, D = build_models()
 print(f"{RECIPE} recipe: generator {count_parameters(G):,} parameters | "
       f"discriminator {count_parameters(D):,} parameters")
 with torch.no_grad():
     text = train_table[:4]
-    fake = G(torch.randn(4, Z_DIM, device=DEVICE), text)
-    score, features = D(fake, text)
-print(f"G: z {(4, Z_DIM)} + text {tuple(text.shape)} -> image {tuple(fake.shape)}; "
-      f"D: image features {tuple(features.shape)} -> scores {tuple(score.shape)}")
-assert fake.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and score.shape == (4,)
+    fake = G(torch.randn(4 * PACK, Z_DIM, device=DEVICE), text.repeat(PACK, 1))
+    score, features = D(packed(fake, PACK), text)
+print(f"G: z {(4 * PACK, Z_DIM)} + text -> images {tuple(fake.shape)}; D reads {PACK} per caption: "
+      f"image features {tuple(features.shape)} -> scores {tuple(score.shape)}")
+assert fake.shape == (4 * PACK, 3, IMAGE_SIZE, IMAGE_SIZE) and score.shape == (4,)
 assert features.shape == (4, NDF * IMAGE_SIZE // 8, 4, 4)
 
 # %%
@@ -371,6 +376,14 @@ print("h_int of (2, 4) and (0, 8) at beta 0.5:", interpolate_embeddings(
 # %% [helpers] losses: feature_matching_mse, l1_image_loss, mode_seeking_loss
 
 # %% [markdown]
+# **Auxiliary classifier** (TAC-GAN): $D$'s heads learn the labels of real images, and $G$ is trained so that its
+# images get the labels of their caption: $\lambda_{aux} \sum_k \mathrm{CE}(\text{head}_k(f(x)), y_k)$, one head
+# per label (flowers: the species; shapes: colour, shape, size and position). It needs labels the paper's GAN-CLS
+# does not use.
+
+# %% [helpers] text2image: auxiliary_class_loss
+
+# %% [markdown]
 # ## 7. Training
 # One iteration: fakes from fresh noise; one discriminator step on GAN-CLS (plus, with the auxiliary classifier,
 # the cross-entropy of the real images' classes); one generator step against the *updated* discriminator on
@@ -404,6 +417,7 @@ fixed_captions = train_data.captions[:: max(1, len(train_data.captions) // 8)][:
 fixed = (seeded_noise(len(fixed_captions), Z_DIM, SEED, DEVICE),
          cache.embed(fixed_captions).to(DEVICE))
 recipe = TextToImageRecipe(**RECIPES[RECIPE]["loss"])
+print(f"{RECIPE} recipe: {recipe}, D judges {PACK} image(s) per caption at a time")
 if in_colab():
     %load_ext tensorboard
     %tensorboard --logdir {RUN_DIR}/tensorboard

@@ -73,3 +73,14 @@ def test_mode_seeking_loss_by_hand():
     assert mode_seeking_loss(f1, f2, z1, z2, eps=0.0).item() == pytest.approx(2.0)
     # identical images: ratio 0, loss 1 / eps, as large as the loss gets
     assert mode_seeking_loss(f1, f1, z1, z2, eps=1e-5).item() == pytest.approx(1e5)
+
+
+def test_mode_seeking_cap_stops_the_push_beyond_it():
+    # ratio 1/2 as above; a cap of 1/4 counts it as 1/4 -> loss 4, and no gradient pushes further apart
+    f1 = torch.tensor([0.0, 1.0], requires_grad=True)
+    f2, z1, z2 = torch.tensor([0.5, -0.5]), torch.tensor([1.0, -1.0]), torch.tensor([-1.0, 1.0])
+    capped = mode_seeking_loss(f1, f2, z1, z2, cap=0.25, eps=0.0)
+    assert capped.item() == pytest.approx(4.0)
+    capped.backward()
+    assert torch.equal(f1.grad, torch.zeros(2))
+    assert mode_seeking_loss(f1, f2, z1, z2, cap=1.0, eps=0.0).item() == pytest.approx(2.0)   # below the cap

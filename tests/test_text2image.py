@@ -129,8 +129,10 @@ def test_make_shapes_and_mismatched_captions():
     assert data.images.shape == (20, 3, 32, 32) and data.images.min() >= -1 and data.images.max() <= 1
     for ids, attrs in zip(data.caption_ids, data.attributes.tolist()):
         assert [data.captions[i] for i in ids] == [t2i.describe(attrs, t) for t in range(3)]
-    images, right, wrong, groups = t2i.sample_batch(data, 64, torch.Generator().manual_seed(0))
-    assert images.shape == (64, 3, 32, 32) and (data.caption_groups[right] == groups).all()
+    images, right, wrong, labels = t2i.sample_batch(data, 64, torch.Generator().manual_seed(0))
+    assert images.shape == (64, 3, 32, 32) and labels.shape == (64, 4) and data.class_counts == (4, 3, 2, 4)
+    for caption_id, attrs in zip(right.tolist(), labels.tolist()):   # the labels are the right caption's
+        assert data.captions[caption_id] in [t2i.describe(attrs, t) for t in range(3)]
     assert (data.caption_groups[right] != data.caption_groups[wrong]).all()
     with pytest.raises(ValueError, match="at least two groups"):
         t2i.mismatched_captions(torch.zeros(3, dtype=torch.long), torch.zeros(5, dtype=torch.long),
@@ -265,7 +267,7 @@ def test_clip_text_tower_gives_its_projected_sentence_vector(tmp_path):
 
 
 def tiny_models(seed: int = 0, cbn: bool = False, projection: bool = False,
-                n_classes: int = 0) -> tuple[t2i.Generator, t2i.Discriminator]:
+                n_classes: tuple = ()) -> tuple[t2i.Generator, t2i.Discriminator]:
     """A 16-px generator and discriminator on 8-d embeddings."""
     torch.manual_seed(seed)
     g = t2i.Generator(8, z_dim=4, projected_dim=4, ngf=4, image_size=16, conditional_bn=cbn)
@@ -274,17 +276,18 @@ def tiny_models(seed: int = 0, cbn: bool = False, projection: bool = False,
 
 
 def test_improved_generator_and_discriminator_shapes_and_parameter_counts():
-    g, d = tiny_models(cbn=True, projection=True, n_classes=3)
+    g, d = tiny_models(cbn=True, projection=True, n_classes=(3, 2))
     # paper G (embedding 8, z 4, projection 4, widths 8, 4): Linear 8*4+4 = 36, BN1d 8, ConvT 8->8 (4x4) 1024,
     # BN 16, ConvT 8->4 512, BN 8, ConvT 4->3 192: 1796. Conditional BN drops BN's 16 + 8 constants and adds
     # Linear(code 8 -> 2*8) = 144 and Linear(8 -> 2*4) = 72: 1796 - 24 + 216 = 1988
     assert count_parameters(tiny_models()[0]) == 1796 and count_parameters(g) == 1988
-    # projection: Linear(4 -> 8 feature channels, no bias) = 32; classifier: Linear(8 * 4 * 4 -> 3) = 387
-    assert count_parameters(d) == count_parameters(tiny_models()[1]) + 32 + 387
+    # projection: Linear(4 -> 8 feature channels, no bias) = 32; class heads: Linear(8 * 4 * 4 -> 3) = 387
+    # and Linear(128 -> 2) = 258
+    assert count_parameters(d) == count_parameters(tiny_models()[1]) + 32 + 387 + 258
     images = g(torch.randn(5, 4), torch.randn(5, 8))
     logits, features = d(images, torch.randn(5, 8))
     assert images.shape == (5, 3, 16, 16) and logits.shape == (5,) and features.shape == (5, 8, 4, 4)
-    assert d.classify(features).shape == (5, 3)
+    assert [head(features.flatten(1)).shape for head in d.class_heads] == [(5, 3), (5, 2)]
 
 
 def test_projection_term_is_the_inner_product_of_text_code_and_summed_features():
@@ -309,21 +312,21 @@ def test_noise_changes_the_image_of_one_caption_only_through_g():
 
 
 def step_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of 8: images, right and wrong embeddings, classes (of 3)."""
+    """A batch of 8: images, right and wrong embeddings, labels of two kinds (3 and 2 values)."""
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, torch.randn(8, 8, generator=g),
-            torch.randn(8, 8, generator=g), torch.arange(8) % 3)
+            torch.randn(8, 8, generator=g), torch.stack([torch.arange(8) % 3, torch.arange(8) % 2], 1))
 
 
 def test_feature_matching_uses_the_discriminator_after_its_step():
     """Issue 10.4: the real features of the feature-matching term come from the same D as the fake ones."""
     g, d = tiny_models()
     opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.SGD(d.parameters(), lr=0.5)
-    images, h, h_wrong, classes = step_inputs()
+    images, h, h_wrong, labels = step_inputs()
     g_before, d_before = copy.deepcopy(g), copy.deepcopy(d)
     scaler, recipe = torch.amp.GradScaler("cpu", enabled=False), t2i.TextToImageRecipe(gan_int=0, feature_matching=1)
     torch.manual_seed(1)
-    scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, images, h, h_wrong, classes, recipe)
+    scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, images, h, h_wrong, labels, recipe)
     torch.manual_seed(1)
     fake = g_before(torch.randn(8, 4), h)           # the step's fakes: its first draw, G before its own step
     with torch.no_grad():
@@ -335,7 +338,7 @@ def test_feature_matching_uses_the_discriminator_after_its_step():
 
 
 def test_train_step_moves_both_networks_and_logs_every_term():
-    g, d = tiny_models(cbn=True, projection=True, n_classes=3)
+    g, d = tiny_models(cbn=True, projection=True, n_classes=(3, 2))
     g0, d0 = copy.deepcopy(g.state_dict()), copy.deepcopy(d.state_dict())
     opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
     recipe = t2i.TextToImageRecipe(gan_int=1, feature_matching=1, l1=1, mode_seeking=1, auxiliary=1)
@@ -361,8 +364,8 @@ def test_fit_stopped_and_resumed_equals_a_straight_run(tmp_path):
     table = torch.randn(len(data.captions), 8, generator=torch.Generator().manual_seed(0))
 
     def batch_at(step):
-        images, right, wrong, groups = t2i.sample_batch(data, 8, torch.Generator().manual_seed(step))
-        return images, table[right], table[wrong], groups
+        images, right, wrong, labels = t2i.sample_batch(data, 8, torch.Generator().manual_seed(step))
+        return images, table[right], table[wrong], labels
 
     fixed, recipe, config = (torch.randn(2, 4), table[:2]), t2i.TextToImageRecipe(mode_seeking=1), {"width": 4}
     straight = t2i.train_text_to_image(fit_state(), batch_at, recipe, t2i.TextToImageSchedule(4, checkpoint_every=2), tmp_path / "a.pt",
@@ -507,3 +510,52 @@ def test_flowers_captions_from_a_local_archive_or_folder(tmp_path, monkeypatch):
     monkeypatch.setenv(t2i.FLOWERS_CAPTIONS_ENV, str(tmp_path / "missing.tar.gz"))
     with pytest.raises(FileNotFoundError, match="neither a file nor a folder with text_c10"):
         t2i.download_flowers_captions(tmp_path / "other", urls=[])
+
+
+def test_same_caption_pixel_distance_by_hand():
+    # group 0: an all-black and an all-white image (|(-1) - 1| = 2 at every pixel); group 1: two equal images
+    images = torch.stack([-torch.ones(3, 4, 4), torch.ones(3, 4, 4), torch.zeros(3, 4, 4), torch.zeros(3, 4, 4)])
+    data = t2i.CaptionedImageSet(images, [[0], [0], [1], [1]], torch.tensor([0, 0, 1, 1]), ["a", "b"],
+                                 torch.tensor([0, 1]))
+    distance = t2i.same_caption_pixel_distance(data, 200, torch.Generator().manual_seed(0))
+    assert 0.8 < distance < 1.2            # about half the pairs are 2 apart, the other half 0
+    only = t2i.CaptionedImageSet(images[:2], [[0], [1]], torch.tensor([0, 1]), ["a", "b"], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="only one of its group"):
+        t2i.same_caption_pixel_distance(only, 1, torch.Generator())
+    assert t2i.MEAN_Z_DISTANCE == pytest.approx(torch.randn(200_000).sub(torch.randn(200_000)).abs().mean().item(),
+                                                rel=0.01)
+
+
+def test_auxiliary_class_loss_sums_the_heads_by_hand():
+    _, d = tiny_models(n_classes=(3, 2))
+    for head in d.class_heads:                       # zero heads: uniform predictions
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    labels = torch.tensor([[0, 1], [2, 0]])
+    # uniform over 3 values: ln 3 per image; over 2: ln 2; summed over the two heads
+    loss = t2i.auxiliary_class_loss(d, torch.randn(2, 8, 4, 4), labels)
+    assert loss.item() == pytest.approx(np.log(3) + np.log(2), abs=1e-6)
+
+
+def test_packs_hold_images_of_one_group():
+    # image i is filled with i / 100 and belongs to group i % 3: a pack's second image must be another
+    # image (other value) of the same group
+    images = torch.arange(12.0).div(100).view(12, 1, 1, 1).expand(12, 3, 4, 4)
+    groups = torch.arange(12) % 3
+    data = t2i.CaptionedImageSet(images, [[int(g)] for g in groups], groups, ["a", "b", "c"],
+                                 torch.arange(3), attributes=torch.zeros(12, 4, dtype=torch.long))
+    packs, right, _, _ = t2i.sample_batch(data, 32, torch.Generator().manual_seed(0), pack=2)
+    assert packs.shape == (32, 6, 4, 4)
+    first, second = (packs[:, c, 0, 0].mul(100).round().long() for c in (0, 3))
+    assert (first != second).all() and (groups[first] == groups[second]).all()
+    assert (right == groups[first]).all()           # caption id k belongs to group k here
+
+
+def test_packed_stacks_the_chunks_on_channels_and_d_reads_packs():
+    a, b = torch.zeros(2, 3, 16, 16), torch.ones(2, 3, 16, 16)
+    pack = t2i.packed(torch.cat([a, b]), 2)          # chunk 1 (a) on channels 0-2, chunk 2 (b) on 3-5
+    assert pack.shape == (2, 6, 16, 16) and pack[:, :3].eq(0).all() and pack[:, 3:].eq(1).all()
+    assert t2i.packed(a, 1) is a
+    d = t2i.Discriminator(8, projected_dim=4, ndf=4, image_size=16, pack=2)
+    logits, features = d(pack, torch.randn(2, 8))
+    assert logits.shape == (2,) and features.shape == (2, 8, 4, 4)
