@@ -235,6 +235,9 @@ def test_flowers_dataset_matches_captions_by_file_stem(tmp_path, monkeypatch):
     assert ds.caption_ids == [[0, 1], [1]] and ds.caption_groups.tolist() == [0, 0]
     image, caption_id, label = ds[1]
     assert image.shape == (3, 32, 32) and caption_id == 1 and label == 0
+    assert ds.class_labels.tolist() == [[0], [0]] and ds.class_counts == (102,)
+    batch = ds.image_batch(torch.tensor([1, 0, 1]))
+    assert batch.shape == (3, 3, 32, 32) and torch.equal(batch[0], batch[2]) and batch.min() >= -1
 
 
 def tiny_clip_text_tower(folder: Path) -> Path:
