@@ -7,17 +7,27 @@ import json
 import math
 import os
 import random
+import shutil
 import tarfile
+import urllib.parse
+import urllib.request
 import warnings
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .losses import (feature_matching_mse, gan_cls_discriminator_loss, gan_cls_generator_loss,
+                     interpolate_embeddings, l1_image_loss, mode_seeking_loss)
+from .training import History, Stopwatch, load_checkpoint, save_checkpoint
 
 # --- Text encoder: mean-pooled sentence embeddings, cached on disk ------------------------------------------------
 
@@ -198,25 +208,36 @@ def describe(attributes: Sequence[int], template: int = 0) -> str:
     return TEMPLATES[template].format(size=words[template % len(words)], colour=colour, shape=shape, position=position)
 
 
+SHAPE_RADIUS = {"small": 0.12, "large": 0.2}  # circumradius as a fraction of the image side
+CORNER_CENTRE = (0.27, 0.73)                    # shape centre in a quadrant, as a fraction of the side
+JITTER = {"position": 0.08, "size": 0.2, "turn": 0.0}  # uniform +-: of the side, of the radius, of a turn
+
+
+def shape_outline(shape: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
+    """Vertices of a square or equilateral triangle of circumradius `radius` around (cx, cy), turned by `angle`
+    from upright (square: sides level; triangle: apex up)."""
+    corners, start = {"square": (4, math.pi / 4), "triangle": (3, -math.pi / 2)}[shape]
+    turns = [angle + start + 2 * math.pi * k / corners for k in range(corners)]
+    return [(cx + radius * math.cos(t), cy + radius * math.sin(t)) for t in turns]
+
+
 def render_shape(attributes: Sequence[int], image_size: int = 64, rng: random.Random | None = None) -> np.ndarray:
-    """An RGB uint8 image (H, W, 3): one filled shape on white, jittered in place and size by `rng`."""
+    """An RGB uint8 image (H, W, 3): one filled shape on white; `rng` jitters its place and size (and turns it
+    when JITTER["turn"] > 0), so images of one caption differ: what the generator's noise has to produce."""
     rng = rng or random.Random(0)
     colour, shape, size, position = attributes
     s = image_size
-    radius = s * (0.11 if size == 0 else 0.2) * rng.uniform(0.9, 1.1)
-    cx = s * (0.27 if position in (0, 2) else 0.73) + rng.uniform(-0.05, 0.05) * s
-    cy = s * (0.27 if position in (0, 1) else 0.73) + rng.uniform(-0.05, 0.05) * s
+    radius = s * SHAPE_RADIUS[SIZES[size]] * rng.uniform(1 - JITTER["size"], 1 + JITTER["size"])
+    cx = s * (CORNER_CENTRE[position % 2] + rng.uniform(-JITTER["position"], JITTER["position"]))
+    cy = s * (CORNER_CENTRE[position // 2] + rng.uniform(-JITTER["position"], JITTER["position"]))
+    angle = rng.uniform(-math.pi, math.pi) * JITTER["turn"]
     image = Image.new("RGB", (s, s), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     fill = list(COLOURS.values())[colour]
     if SHAPES[shape] == "circle":
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
-    elif SHAPES[shape] == "square":
-        half = radius * 0.9
-        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
+        draw.ellipse([cx - radius * 0.85, cy - radius * 0.85, cx + radius * 0.85, cy + radius * 0.85], fill=fill)
     else:
-        draw.polygon([(cx, cy - radius), (cx - radius * 1.1, cy + radius * 0.8), (cx + radius * 1.1, cy + radius * 0.8)],
-                     fill=fill)
+        draw.polygon(shape_outline(SHAPES[shape], cx, cy, radius, angle), fill=fill)
     return np.asarray(image)
 
 
@@ -242,6 +263,20 @@ class CaptionedImageSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    def image_batch(self, idx: Tensor) -> Tensor:
+        """The images at indices `idx`, in [-1, 1]."""
+        return self.images[idx]
+
+    @property
+    def class_labels(self) -> Tensor:
+        """(N, 4): each image's colour, shape, size and position: the labels D's classifier learns."""
+        return self.attributes
+
+    @property
+    def class_counts(self) -> tuple[int, ...]:
+        """How many values each label takes: 4 colours, 3 shapes, 2 sizes, 4 positions."""
+        return tuple(len(values) for values in ATTRIBUTES.values())
+
 
 def make_shapes(n: int, combinations: Sequence[tuple], image_size: int = 64, seed: int = 0,
                 captions_per_image: int = len(TEMPLATES)) -> CaptionedImageSet:
@@ -262,12 +297,30 @@ def make_shapes(n: int, combinations: Sequence[tuple], image_size: int = 64, see
         attributes=torch.tensor(picks))
 
 
-def sample_batch(data: CaptionedImageSet, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Random images, one random caption id of each, and a mismatching caption id from another group."""
+def sample_batch(data: CaptionedImageSet | FlowersWithCaptions, batch_size: int, generator: torch.Generator,
+                 pack: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Random images, one random caption id of each, a mismatching caption id from another group, and the
+    images' class labels (B, K). With pack > 1 each image comes with pack - 1 other images of its group,
+    stacked on the channels: (B, 3 * pack, H, W), what a packing discriminator reads."""
     idx = torch.randint(len(data), (batch_size,), generator=generator)
-    choice = torch.randint(1 << 30, (batch_size,), generator=generator)
-    right = torch.tensor([data.caption_ids[i][c % len(data.caption_ids[i])] for i, c in zip(idx.tolist(), choice.tolist())])
-    return data.images[idx], right, mismatched_captions(data.groups[idx], data.caption_groups, generator)
+    choice = torch.randint(1 << 30, (batch_size,), generator=generator).tolist()
+    right = torch.tensor([data.caption_ids[i][c % len(data.caption_ids[i])] for i, c in zip(idx.tolist(), choice)])
+    wrong = mismatched_captions(data.groups[idx], data.caption_groups, generator)
+    images = torch.cat([data.image_batch(idx)] + [data.image_batch(group_mates(data, idx, generator))
+                                                  for _ in range(pack - 1)], dim=1)
+    return images, right, wrong, data.class_labels[idx]
+
+
+def group_mates(data: CaptionedImageSet | FlowersWithCaptions, idx: Tensor, generator: torch.Generator) -> Tensor:
+    """For each index, a random other image of the same group (attribute combination or class)."""
+    mates = []
+    for a in idx.tolist():
+        others = (data.groups == data.groups[a]).nonzero().flatten()
+        others = others[others != a]
+        if not len(others):
+            raise ValueError(f"image {a} is the only one of its group; give more images per group")
+        mates.append(int(others[torch.randint(len(others), (1,), generator=generator)]))
+    return torch.tensor(mates)
 
 
 def mismatched_captions(groups: Tensor, caption_groups: Tensor, generator: torch.Generator) -> Tensor:
@@ -286,17 +339,16 @@ def mismatched_captions(groups: Tensor, caption_groups: Tensor, generator: torch
 
 
 class AttributeClassifier(nn.Module):
-    """A small CNN on 32x32 copies of the images, with one softmax head per attribute (colour, shape, size, position)."""
+    """A small CNN on 32x32 copies of the images (three conv + max-pool blocks), one softmax head per attribute."""
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.AdaptiveAvgPool2d(32),
-            nn.Conv2d(3, width, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(2 * width, 4 * width, 3, 2, 1), nn.ReLU(),
-            nn.Flatten())
-        self.heads = nn.ModuleDict({name: nn.Linear(4 * width * 16, len(values)) for name, values in ATTRIBUTES.items()})
+        blocks, channels = [nn.AdaptiveAvgPool2d(32)], 3
+        for out in (width, 2 * width, 4 * width):
+            blocks += [nn.Conv2d(channels, out, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2)]
+            channels = out
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.heads = nn.ModuleDict({name: nn.Linear(channels * 16, len(values)) for name, values in ATTRIBUTES.items()})
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Logits per attribute for images in [-1, 1] of any size >= 32."""
@@ -351,32 +403,113 @@ def derangement(n: int, generator: torch.Generator) -> Tensor:
 
 # --- Oxford-102 Flowers with Reed et al.'s captions (full mode) ---------------------------------------------------
 
-FLOWERS_CAPTIONS_DRIVE_ID = "0B0ywwgffWnLLcms2WWJQRFNSWXM"  # Reed et al.'s flowers captions (text_c10), Google Drive
-FLOWERS_CAPTIONS_ENV = "T2I_FLOWERS_CAPTIONS"
+FLOWERS_CAPTIONS_DRIVE = {"id": "0B0ywwgffWnLLcms2WWJQRFNSWXM", "resourcekey": "0-Av8zFbeDDvNcF1sSjDR32w"}
+FLOWERS_CAPTIONS_ENV = "T2I_FLOWERS_CAPTIONS"  # a local archive or folder, or the URL of a copy of the archive
+FLOWERS_CAPTIONS_HELP = (
+    "download Reed et al.'s cvpr2016_flowers.tar.gz by hand from "
+    "https://drive.google.com/file/d/0B0ywwgffWnLLcms2WWJQRFNSWXM/view?resourcekey=0-Av8zFbeDDvNcF1sSjDR32w "
+    f"(linked from github.com/reedscot/icml2016), then set {FLOWERS_CAPTIONS_ENV} to the archive (or to the folder "
+    "that holds text_c10) and run again")
 
 
-def download_flowers_captions(root: str | os.PathLike) -> Path:
-    """Fetch and unpack Reed et al.'s caption archive into root/flowers-captions (Colab has gdown); return the folder."""
+def drive_download_urls(file_id: str, resource_key: str) -> list[str]:
+    """Where Google Drive serves a shared file with a resource key: drive.usercontent.google.com, then the older
+    drive.google.com/uc endpoint (confirm=t skips the can't-scan-for-viruses page where Drive allows it)."""
+    query = urllib.parse.urlencode({"id": file_id, "export": "download", "resourcekey": resource_key, "confirm": "t"})
+    return [f"https://drive.usercontent.google.com/download?{query}", f"https://drive.google.com/uc?{query}"]
+
+
+class _DriveConfirmation(HTMLParser):
+    """Reads Drive's 'download anyway' page: the download form's action and hidden fields, or the link."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+        self.link: str | None = None
+        self._in_form = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "form" and a.get("id") == "download-form":
+            self.action, self._in_form = a.get("action"), True
+        elif tag == "input" and self._in_form and a.get("type") == "hidden" and a.get("name"):
+            self.fields[a["name"]] = a.get("value", "")
+        elif tag == "a" and a.get("id") == "uc-download-link":
+            self.link = a.get("href")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self._in_form = False
+
+
+def drive_confirmation_url(page: str, page_url: str) -> str | None:
+    """The URL behind the 'download anyway' button of a Drive warning page (None if the page has none); the
+    resource key of `page_url` is carried over when the form lacks it."""
+    parser = _DriveConfirmation()
+    parser.feed(page)
+    asked = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(page_url).query))
+    if parser.action:
+        fields = {**({"resourcekey": asked["resourcekey"]} if "resourcekey" in asked else {}), **parser.fields}
+        return urllib.parse.urljoin(page_url, parser.action) + "?" + urllib.parse.urlencode(fields)
+    return urllib.parse.urljoin(page_url, parser.link) if parser.link else None
+
+
+def download_drive_file(url: str, path: Path, timeout: float = 60.0) -> Path:
+    """Stream `url` to `path`, following one Drive 'download anyway' page; a ValueError if HTML comes instead."""
+    for _ in range(2):
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            if not response.headers.get_content_type().startswith("text/html"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as out:
+                    shutil.copyfileobj(response, out, 1 << 20)
+                return path
+            page = response.read().decode("utf-8", errors="replace")
+        next_url = drive_confirmation_url(page, url)
+        if next_url is None:
+            break
+        url = next_url
+    raise ValueError(f"{url} answered with a web page, not the file (Drive quota, login or a changed page)")
+
+
+def unpack_captions_archive(archive: Path, target: Path) -> None:
+    """Unpack a .tar(.gz) or .zip archive into `target` (tar members that would escape it are refused)."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(target)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+    else:
+        raise ValueError(f"'{archive}' is neither a tar nor a zip archive; {FLOWERS_CAPTIONS_HELP}")
+
+
+def download_flowers_captions(root: str | os.PathLike, urls: Sequence[str] | None = None,
+                              timeout: float = 60.0) -> Path:
+    """Reed et al.'s flower captions (text_c10) in root/flowers-captions: from ${FLOWERS_CAPTIONS_ENV} (a folder,
+    archive or URL) or else from Google Drive (`urls`: where to try, default drive_download_urls); the folder."""
     target = Path(root) / "flowers-captions"
+    given = os.environ.get(FLOWERS_CAPTIONS_ENV, "")
+    if given and not given.startswith(("http://", "https://")) and any(Path(given).rglob("text_c10")):
+        return Path(given)
     if any(target.rglob("text_c10")):
         return target
-    archive = os.environ.get(FLOWERS_CAPTIONS_ENV)
-    if not archive:
+    archive, errors = (Path(given) if given and not given.startswith("http") else None), []
+    if archive is not None and not archive.is_file():
+        raise FileNotFoundError(f"{FLOWERS_CAPTIONS_ENV}='{given}' is neither a file nor a folder with text_c10; "
+                                f"{FLOWERS_CAPTIONS_HELP}")
+    for url in ([] if archive else [given] if given else urls or drive_download_urls(**FLOWERS_CAPTIONS_DRIVE)):
         try:
-            import gdown
-        except ImportError as err:
-            raise ImportError("downloading the flowers captions needs gdown: `pip install gdown`, or download "
-                              f"https://drive.google.com/file/d/{FLOWERS_CAPTIONS_DRIVE_ID} yourself and set "
-                              f"{FLOWERS_CAPTIONS_ENV} to the archive") from err
-        target.mkdir(parents=True, exist_ok=True)
-        archive = gdown.download(id=FLOWERS_CAPTIONS_DRIVE_ID, output=str(target / "captions.tar.gz"), quiet=False)
-        if archive is None:
-            raise RuntimeError(f"the Google Drive caption archive {FLOWERS_CAPTIONS_DRIVE_ID} could not be downloaded; "
-                               f"fetch it by hand and set {FLOWERS_CAPTIONS_ENV} to its path")
-    with tarfile.open(archive) as tar:
-        tar.extractall(target, filter="data")
+            archive = download_drive_file(url, target / "captions-archive", timeout)
+            break
+        except (OSError, ValueError) as err:
+            errors.append(f"{url.split('?')[0]}: {err}")
+    if archive is None:
+        raise RuntimeError(f"the flowers captions could not be downloaded ({'; '.join(errors)}); {FLOWERS_CAPTIONS_HELP}")
+    unpack_captions_archive(archive, target)
     if not any(target.rglob("text_c10")):
-        raise RuntimeError(f"archive '{archive}' has no text_c10 folder; it is not Reed et al.'s flowers captions")
+        raise RuntimeError(f"'{archive}' holds no text_c10 folder, so it is not Reed et al.'s flowers captions; "
+                           f"{FLOWERS_CAPTIONS_HELP}")
     return target
 
 
@@ -437,6 +570,8 @@ class FlowersWithCaptions(torch.utils.data.Dataset):
         self.caption_groups = torch.zeros(len(self.captions), dtype=torch.long)
         for ids, label in zip(self.caption_ids, self.labels):
             self.caption_groups[ids] = label
+        self.groups = torch.tensor(self.labels)
+        self.class_labels, self.class_counts = self.groups[:, None], (102,)  # the species, for D's classifier
         self.transform = (v2.Compose([v2.RandomCrop(image_size), v2.RandomHorizontalFlip()]) if train
                           else v2.CenterCrop(image_size))
 
@@ -448,8 +583,12 @@ class FlowersWithCaptions(torch.utils.data.Dataset):
         image = self.transform(self.images[i]).float() / 127.5 - 1
         return image, random.choice(self.caption_ids[i]), self.labels[i]
 
+    def image_batch(self, idx: Tensor) -> Tensor:
+        """Crops (random when training) of the images at indices `idx`, in [-1, 1]."""
+        return torch.stack([self.transform(self.images[i]) for i in idx.tolist()]).float() / 127.5 - 1
 
-# --- The DCGAN of Reed et al.: text-conditioned generator and matching-aware discriminator --------------------------
+
+# --- The DCGAN of Reed et al.: text-conditional generator and matching-aware discriminator ------------------------
 
 
 def text_projection(embedding_dim: int, projected_dim: int) -> nn.Sequential:
@@ -463,64 +602,330 @@ def dcgan_init(module: nn.Module) -> None:
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.affine:
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
 
-def _check_image_size(image_size: int) -> int:
+def feature_map_widths(width: int, image_size: int) -> list[int]:
+    """Channels at 4x4, 8x8, ... up to image_size/2: width * 8, ..., width for 64 px (the paper's 512 ... 64)."""
     if image_size < 16 or image_size & (image_size - 1):
         raise ValueError(f"image_size={image_size}; use a power of two >= 16 (the paper uses 64)")
-    return int(math.log2(image_size // 4))
+    levels = int(math.log2(image_size // 4))
+    return [width * 2 ** (levels - 1 - i) for i in range(levels)]
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose scale and shift come from a code (here [z; text]), not learned constants."""
+
+    def __init__(self, channels: int, code_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.scale_shift = nn.Linear(code_dim, 2 * channels)
+
+    def forward(self, x: Tensor, code: Tensor) -> Tensor:
+        """norm(x) * (1 + scale(code)) + shift(code), per channel."""
+        scale, shift = self.scale_shift(code)[:, :, None, None].chunk(2, dim=1)
+        return self.norm(x) * (1 + scale) + shift
 
 
 class Generator(nn.Module):
-    """G(z, t): noise z and the projected text code, concatenated, up-sampled 4 -> ... -> image_size by ConvTranspose."""
+    """G(z, t): [z; projected text] up-sampled 4 -> 8 -> ... -> image_size (ConvTranspose, BN,
+    ReLU; tanh at the end). conditional_bn=False: the paper's G, the code enters once, at 4x4;
+    True: [z; text] also sets the scale and shift of every BatchNorm (noise and text at every
+    resolution)."""
 
-    def __init__(self, embedding_dim: int, z_dim: int = 100, projected_dim: int = 128, ngf: int = 64,
-                 image_size: int = 64) -> None:
+    def __init__(self, embedding_dim: int, z_dim: int = 100, projected_dim: int = 128,
+                 ngf: int = 64, image_size: int = 64, conditional_bn: bool = False) -> None:
         super().__init__()
-        n_up = _check_image_size(image_size)
-        self.z_dim, self.image_size = z_dim, image_size
+        widths = feature_map_widths(ngf, image_size)
+        code_dim, self.z_dim, self.conditional_bn = z_dim + projected_dim, z_dim, conditional_bn
         self.project = text_projection(embedding_dim, projected_dim)
-        channels = ngf * 2 ** (n_up - 1)
-        layers = [nn.ConvTranspose2d(z_dim + projected_dim, channels, 4, 1, 0, bias=False),
-                  nn.BatchNorm2d(channels), nn.ReLU(True)]
-        for _ in range(n_up - 1):
-            layers += [nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(channels // 2), nn.ReLU(True)]
-            channels //= 2
-        layers += [nn.ConvTranspose2d(channels, 3, 4, 2, 1, bias=False), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        self.stem = nn.ConvTranspose2d(code_dim, widths[0], 4, 1, 0, bias=False)
+        norm = (lambda w: ConditionalBatchNorm2d(w, code_dim)) if conditional_bn else nn.BatchNorm2d
+        self.norms = nn.ModuleList(norm(w) for w in widths)
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False)
+                                 for a, b in zip(widths, widths[1:] + [3]))
         self.apply(dcgan_init)
 
     def forward(self, z: Tensor, text: Tensor) -> Tensor:
-        """Images (B, 3, image_size, image_size) in [-1, 1] from z (B, z_dim) and embeddings (B, embedding_dim)."""
+        """Images (B, 3, S, S) in [-1, 1] from z (B, z_dim) and embeddings (B, D)."""
         code = torch.cat([z, self.project(text)], dim=1)
-        return self.net(code[:, :, None, None])
+        x = self.stem(code[:, :, None, None])
+        for norm, up in zip(self.norms, self.ups):
+            x = up(F.relu(norm(x, code) if self.conditional_bn else norm(x)))
+        return torch.tanh(x)
 
 
 class Discriminator(nn.Module):
-    """D(x, t): strided convs to a 4x4 map, the projected text replicated over it and concatenated, 1x1 conv, 4x4 conv."""
+    """D(x, t): strided convs to a 4x4 map; the projected text replicated over it and concatenated;
+    1x1 conv, 4x4 conv to one logit. projection=True adds the projection discriminator's term
+    (Miyato & Koyama 2018), <W text code, image features summed over 4x4>; n_classes (values
+    per label, e.g. (102,) species) adds TAC-GAN's heads (Dash et al. 2017) on the features."""
 
-    def __init__(self, embedding_dim: int, projected_dim: int = 128, ndf: int = 64, image_size: int = 64) -> None:
+    def __init__(self, embedding_dim: int, projected_dim: int = 128, ndf: int = 64,
+                 image_size: int = 64, projection: bool = False, n_classes: Sequence[int] = (),
+                 pack: int = 1) -> None:
         super().__init__()
-        n_down = _check_image_size(image_size)
-        layers, channels = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)], ndf
-        for _ in range(n_down - 1):
-            layers += [nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(channels * 2), nn.LeakyReLU(0.2, True)]
-            channels *= 2
+        widths = feature_map_widths(ndf, image_size)[::-1]
+        c, self.pack = widths[-1], pack
+        layers = [nn.Conv2d(3 * pack, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b),
+                       nn.LeakyReLU(0.2, True)]
         self.image_features = nn.Sequential(*layers)
         self.project = text_projection(embedding_dim, projected_dim)
-        self.joint = nn.Sequential(nn.Conv2d(channels + projected_dim, channels, 1, 1, 0, bias=False),
-                                   nn.BatchNorm2d(channels), nn.LeakyReLU(0.2, True))
-        self.score = nn.Conv2d(channels, 1, 4, 1, 0, bias=False)
+        self.joint = nn.Sequential(nn.Conv2d(c + projected_dim, c, 1, 1, 0, bias=False),
+                                   nn.BatchNorm2d(c), nn.LeakyReLU(0.2, True))
+        self.score = nn.Conv2d(c, 1, 4, 1, 0, bias=False)
+        self.text_to_features = nn.Linear(projected_dim, c, bias=False) if projection else None
+        self.class_heads = nn.ModuleList(nn.Linear(c * 16, n) for n in n_classes)
         self.apply(dcgan_init)
 
     def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """(logit per image (B,), image features (B, C, 4, 4) for feature matching)."""
         features = self.image_features(images)
-        code = self.project(text)[:, :, None, None].expand(-1, -1, *features.shape[-2:])
-        logits = self.score(self.joint(torch.cat([features, code], dim=1)))
-        return logits.flatten(), features
+        code = self.project(text)
+        tiled = code[:, :, None, None].expand(-1, -1, *features.shape[-2:])
+        logits = self.score(self.joint(torch.cat([features, tiled], dim=1))).flatten()
+        if self.text_to_features is not None:
+            logits = logits + (self.text_to_features(code) * features.sum(dim=(2, 3))).sum(dim=1)
+        return logits, features
+
+
+# --- Training: one GAN-CLS iteration, and a loop that resumes from its checkpoint -------------------------------
+
+
+@dataclass
+class TextToImageRecipe:
+    """The extra loss terms and their weights (0 switches a term off)."""
+
+    gan_int: float = 1.0           # GAN-INT: G also on interpolated captions (paper: on)
+    beta: float = 0.5              # GAN-INT: h_int = beta h_1 + (1 - beta) h_2 (paper: 0.5)
+    feature_matching: float = 0.0  # seed: MSE of D's mean image features, fakes vs reals
+    l1: float = 0.0                # seed: L1 to the real image of the same caption
+    mode_seeking: float = 0.0      # Mao et al. 2019: two noise vectors, one caption, images apart
+    mode_seeking_cap: float | None = None  # no reward for images further apart than this ratio
+    auxiliary: float = 0.0         # TAC-GAN: D's heads name the labels (D needs n_classes)
+
+
+def packed(images: Tensor, pack: int) -> Tensor:
+    """(pack * B, 3, H, W) images, `pack` chunks of B (one image per caption in each chunk), as
+    (B, 3 * pack, H, W): the images of one caption stacked on the channels, as D reads them."""
+    return torch.cat(images.chunk(pack), dim=1) if pack > 1 else images
+
+
+MEAN_Z_DISTANCE = 2 / math.sqrt(math.pi)  # E|z1 - z2| per component for z1, z2 ~ N(0, 1)
+
+
+def same_caption_pixel_distance(data: CaptionedImageSet | FlowersWithCaptions, n_pairs: int,
+                                generator: torch.Generator) -> float:
+    """Mean |x_a - x_b| over pixels in [-1, 1] of `n_pairs` pairs of different real images of one group
+    (attribute combination or class): how far apart the images that fit one caption are."""
+    idx = torch.randint(len(data), (n_pairs,), generator=generator)
+    mates = group_mates(data, idx, generator)
+    return (data.image_batch(idx) - data.image_batch(mates)).abs().mean().item()
+
+
+def auxiliary_class_loss(D: Discriminator, features: Tensor, labels: Tensor) -> Tensor:
+    """TAC-GAN's term: cross-entropy of D's class heads on image features (B, C, 4, 4) against the
+    labels (B, K), summed over the K heads."""
+    flat = features.flatten(1)
+    return sum(F.cross_entropy(head(flat).float(), labels[:, k])
+               for k, head in enumerate(D.class_heads))
+
+
+def gan_cls_discriminator_step(D: Discriminator, opt_d: torch.optim.Optimizer,
+                               scaler: torch.amp.GradScaler, images: Tensor, fake: Tensor,
+                               h: Tensor, h_wrong: Tensor, labels: Tensor,
+                               recipe: TextToImageRecipe) -> dict[str, Tensor]:
+    """GAN-CLS: (real image, right text) -> real; (real, wrong text) and (fake, right text) -> fake;
+    with recipe.auxiliary, D's class heads also learn the labels of the real images."""
+    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+        s_r, real_features = D(images, h)
+        s_w, _ = D(images, h_wrong)
+        s_f, _ = D(fake.detach(), h)
+    loss = gan_cls_discriminator_loss(s_r.float(), s_w.float(), s_f.float())
+    if recipe.auxiliary:
+        loss = loss + recipe.auxiliary * auxiliary_class_loss(D, real_features, labels)
+    opt_d.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt_d)
+    beliefs = {f"D/{k}": torch.sigmoid(s.detach().float()).mean() for k, s in
+               (("real_right", s_r), ("real_wrong", s_w), ("fake", s_f))}
+    return {"loss/D": loss.detach(), **beliefs}
+
+
+def gan_cls_generator_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler, images: Tensor, z: Tensor, fake: Tensor,
+                           h: Tensor, labels: Tensor,
+                           recipe: TextToImageRecipe) -> dict[str, Tensor]:
+    """GAN-CLS generator loss against D after its step, plus the weighted terms of `recipe`."""
+    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+        s_f, fake_features = D(fake, h)
+        terms = {"gan": gan_cls_generator_loss(s_f.float())}
+        if recipe.gan_int:
+            h_int = interpolate_embeddings(h, h.roll(1, dims=0), recipe.beta)  # caption i and i - 1
+            s_int, _ = D(packed(G(torch.randn_like(z), h_int.repeat(D.pack, 1)), D.pack), h_int)
+            terms["int"] = recipe.gan_int * gan_cls_generator_loss(s_int.float())
+        if recipe.feature_matching:
+            with torch.no_grad():
+                _, real_features = D(images, h)  # the same D as the fakes' features: after its step
+            fm = feature_matching_mse(fake_features.float(), real_features.float())
+            terms["fm"] = recipe.feature_matching * fm
+        if recipe.l1:
+            terms["l1"] = recipe.l1 * l1_image_loss(fake.float(), images)
+        if recipe.mode_seeking:
+            half, z_2 = len(h) // 2, torch.randn_like(z[: len(h) // 2])
+            ms = mode_seeking_loss(fake[:half, :3].float(), G(z_2, h[:half]).float(), z[:half], z_2,
+                                   recipe.mode_seeking_cap)
+            terms["ms"] = recipe.mode_seeking * ms
+        if recipe.auxiliary:
+            terms["aux"] = recipe.auxiliary * auxiliary_class_loss(D, fake_features, labels)
+    loss = sum(terms.values())
+    opt_g.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt_g)
+    return {"loss/G": loss.detach(), **{f"loss/G_{k}": v.detach() for k, v in terms.items()}}
+
+
+def gan_cls_train_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
+                       opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: Tensor,
+                       h: Tensor, h_wrong: Tensor, labels: Tensor,
+                       recipe: TextToImageRecipe) -> dict[str, Tensor]:
+    """One iteration: fakes from fresh noise (D.pack per caption), a discriminator step, then a
+    generator step."""
+    z = torch.randn(len(images) * D.pack, G.z_dim, device=images.device)
+    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+        fake = packed(G(z, h.repeat(D.pack, 1)), D.pack)
+    scalars = gan_cls_discriminator_step(D, opt_d, scaler, images, fake, h, h_wrong, labels,
+                                         recipe)
+    scalars.update(gan_cls_generator_step(G, D, opt_g, scaler, images, z, fake, h, labels,
+                                          recipe))
+    scaler.update()
+    return scalars
+
+
+@dataclass
+class TextToImageSchedule:
+    """How long the loop runs; when it halves the learning rate, keeps samples, checkpoints."""
+
+    iterations: int
+    lr: float = 2e-4
+    lr_halving_every: int = 10**9
+    snapshot_every: int = 500
+    checkpoint_every: int = 500
+
+
+@dataclass
+class TextToImageRun:
+    """What the loop keeps besides models and optimizers: iteration, History, Stopwatch, samples."""
+
+    history: History
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)
+    snapshots: dict[int, Tensor] = field(default_factory=dict)
+    step: int = 0
+
+    def state_dict(self) -> dict:
+        """Everything above as plain values (History and Stopwatch through their own state_dict)."""
+        return {"history": self.history.state_dict(), "stopwatch": self.stopwatch.state_dict(),
+                "snapshots": self.snapshots, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved run."""
+        self.history.load_state_dict(state["history"])
+        self.stopwatch.load_state_dict(state["stopwatch"])
+        self.snapshots, self.step = dict(state["snapshots"]), int(state["step"])
+
+
+def train_text_to_image(state: dict, batch_at: Callable[[int], tuple[Tensor, ...]],
+                        recipe: TextToImageRecipe, schedule: TextToImageSchedule, checkpoint: Path,
+                        config: dict, fixed: tuple[Tensor, Tensor]) -> TextToImageRun:
+    """Train to schedule.iterations, first resuming from `checkpoint` if it exists. `state`
+    holds G, D, opt_g, opt_d, scaler, run; batch_at(i) is iteration i's (images, h, h_wrong,
+    labels)."""
+    G, D, run = state["G"], state["D"], state["run"]
+    if checkpoint.exists():
+        load_checkpoint(checkpoint, state, config)
+        print(f"resumed from {checkpoint} at iteration {run.step:,}")
+    for step in tqdm(range(run.step + 1, schedule.iterations + 1), "training", initial=run.step,
+                     total=schedule.iterations):
+        lr = schedule.lr * 0.5 ** ((step - 1) // schedule.lr_halving_every)
+        for group in [*state["opt_g"].param_groups, *state["opt_d"].param_groups]:
+            group["lr"] = lr
+        images, h, h_wrong, labels = batch_at(step)
+        with run.stopwatch:
+            scalars = gan_cls_train_step(G, D, state["opt_g"], state["opt_d"], state["scaler"],
+                                         images, h, h_wrong, labels, recipe)
+        run.stopwatch.count(1, len(images))
+        run.history.log(step, **scalars)
+        run.step = step
+        if step % schedule.snapshot_every == 0 or step == schedule.iterations:
+            run.snapshots[step] = generate(G, *fixed)
+        if step % schedule.checkpoint_every == 0 or step == schedule.iterations:
+            save_checkpoint(checkpoint, state, step, config)
+    run.history.flush()
+    return run
+
+
+# --- Evaluation: images per caption, caption accuracy over noise seeds, spread across noise -------------------
+
+
+@torch.no_grad()
+def generate(G: Generator, z: Tensor, text: Tensor) -> Tensor:
+    """Images for noise `z` and embeddings `text`, with G in eval mode (BatchNorm running statistics), on the CPU."""
+    was_training = G.training
+    G.eval()
+    images = G(z, text).float().cpu()
+    G.train(was_training)
+    return images
+
+
+def seeded_noise(n: int, z_dim: int, seed: int, device: str | torch.device = "cpu") -> Tensor:
+    """`n` noise vectors N(0, I) from a seeded generator: the same seed gives the same vectors on every device."""
+    return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def images_per_caption(G: Generator, text: Tensor, n_noise: int, seed: int) -> Tensor:
+    """(captions, n_noise, 3, H, W): every caption with the same `n_noise` noise vectors."""
+    z = seeded_noise(n_noise, G.z_dim, seed, text.device).repeat(len(text), 1)
+    images = generate(G, z, text.repeat_interleave(n_noise, dim=0))
+    return images.view(len(text), n_noise, *images.shape[1:])
+
+
+def real_images_per_combination(combinations: Sequence[tuple], n: int, image_size: int, seed: int) -> Tensor:
+    """(combinations, n, 3, H, W) rendered shapes in [-1, 1]: the real spread a caption allows."""
+    rng = random.Random(seed)
+    images = np.stack([[render_shape(c, image_size, rng) for _ in range(n)] for c in combinations])
+    return torch.from_numpy(images).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+
+
+def within_caption_spread(images: Tensor) -> Tensor:
+    """Per group of images (G, K, 3, H, W) in [-1, 1]: mean pairwise RMS pixel distance, pixels in [0, 1]."""
+    if images.dim() != 5 or images.shape[1] < 2:
+        raise ValueError(f"expected (groups, K >= 2, C, H, W) images, got shape {tuple(images.shape)}")
+    flat = (images.float() * 0.5 + 0.5).flatten(2)
+    distances = torch.cdist(flat, flat) / flat.shape[-1] ** 0.5
+    k = flat.shape[1]
+    return distances.sum(dim=(1, 2)) / (k * (k - 1))
+
+
+def caption_accuracy(G: Generator, classifier: AttributeClassifier, text: Tensor, attributes: Tensor,
+                     seeds: Sequence[int]) -> dict[str, list[dict[str, float]]]:
+    """Attribute accuracy of one generated image per caption (a fresh noise vector per image) for each noise seed:
+    against the caption's own attributes ('matching') and against another caption's ('shuffled')."""
+    scores: dict[str, list[dict[str, float]]] = {"matching": [], "shuffled": []}
+    for seed in seeds:
+        fakes = generate(G, seeded_noise(len(text), G.z_dim, seed, text.device), text)
+        other = attributes[derangement(len(attributes), torch.Generator().manual_seed(seed))]
+        scores["matching"].append(attribute_accuracy(classifier, fakes, attributes))
+        scores["shuffled"].append(attribute_accuracy(classifier, fakes, other))
+    return scores
+
+
+def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1) of a few repeated measurements (0 spread for one)."""
+    if not values:
+        raise ValueError("mean_and_spread needs at least one value")
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(t) > 1 else 0.0)

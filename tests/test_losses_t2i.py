@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers.losses import (feature_matching_mse, gan_cls_discriminator_loss, gan_cls_generator_loss,
-                            interpolate_embeddings, l1_image_loss)
+                            interpolate_embeddings, l1_image_loss, mode_seeking_loss)
 
 LN3 = math.log(3.0)
 
@@ -34,11 +34,11 @@ def test_discriminator_fake_terms_weigh_one_half():
     assert loss.item() == pytest.approx(50.0, abs=1e-4)
 
 
-def test_generator_loss_with_and_without_interpolation():
-    # logit ln 3 -> p = 3/4 -> -ln(3/4) = 0.287682; logit 0 -> ln 2 = 0.693147
+def test_generator_loss_by_hand():
+    # logit ln 3 -> p = 3/4 -> -ln(3/4) = 0.287682; logit 0 -> ln 2 = 0.693147; mean over the batch
     assert gan_cls_generator_loss(torch.tensor([LN3, LN3])).item() == pytest.approx(0.287682, abs=1e-6)
-    both = gan_cls_generator_loss(torch.tensor([LN3]), torch.tensor([0.0]))
-    assert both.item() == pytest.approx(0.287682 + 0.693147, abs=1e-6)
+    both = gan_cls_generator_loss(torch.tensor([LN3, 0.0]))
+    assert both.item() == pytest.approx((0.287682 + 0.693147) / 2, abs=1e-6)
 
 
 def test_interpolation_values_and_errors():
@@ -64,3 +64,23 @@ def test_feature_matching_mse_by_hand():
 def test_l1_image_loss_by_hand():
     # |1 - 0| = 1, |-1 - 0.5| = 1.5, mean 1.25
     assert l1_image_loss(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 0.5])).item() == pytest.approx(1.25)
+
+
+def test_mode_seeking_loss_by_hand():
+    # mean|f1 - f2| = (0.5 + 1.5) / 2 = 1; mean|z1 - z2| = (2 + 2) / 2 = 2; ratio 1/2; loss 1 / (0.5 + eps) = 2
+    f1, f2 = torch.tensor([0.0, 1.0]), torch.tensor([0.5, -0.5])
+    z1, z2 = torch.tensor([1.0, -1.0]), torch.tensor([-1.0, 1.0])
+    assert mode_seeking_loss(f1, f2, z1, z2, eps=0.0).item() == pytest.approx(2.0)
+    # identical images: ratio 0, loss 1 / eps, as large as the loss gets
+    assert mode_seeking_loss(f1, f1, z1, z2, eps=1e-5).item() == pytest.approx(1e5)
+
+
+def test_mode_seeking_cap_stops_the_push_beyond_it():
+    # ratio 1/2 as above; a cap of 1/4 counts it as 1/4 -> loss 4, and no gradient pushes further apart
+    f1 = torch.tensor([0.0, 1.0], requires_grad=True)
+    f2, z1, z2 = torch.tensor([0.5, -0.5]), torch.tensor([1.0, -1.0]), torch.tensor([-1.0, 1.0])
+    capped = mode_seeking_loss(f1, f2, z1, z2, cap=0.25, eps=0.0)
+    assert capped.item() == pytest.approx(4.0)
+    capped.backward()
+    assert torch.equal(f1.grad, torch.zeros(2))
+    assert mode_seeking_loss(f1, f2, z1, z2, cap=1.0, eps=0.0).item() == pytest.approx(2.0)   # below the cap

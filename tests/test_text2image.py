@@ -1,6 +1,13 @@
-"""helpers.text2image: text encoder, embedding cache, shapes set, attribute accuracy, flowers captions, G and D."""
+"""helpers.text2image: text encoder, embedding cache, shapes set, attribute accuracy, flowers captions, G and D,
+the training step and loop, and the evaluation over noise seeds."""
+import copy
+import http.server
 import importlib.util
+import io
 import os
+import tarfile
+import threading
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +16,8 @@ import torch
 from torch import nn
 
 from helpers import text2image as t2i
-from helpers.training import count_parameters
+from helpers.losses import feature_matching_mse
+from helpers.training import History, count_parameters
 
 
 def local_minilm() -> Path:
@@ -121,8 +129,10 @@ def test_make_shapes_and_mismatched_captions():
     assert data.images.shape == (20, 3, 32, 32) and data.images.min() >= -1 and data.images.max() <= 1
     for ids, attrs in zip(data.caption_ids, data.attributes.tolist()):
         assert [data.captions[i] for i in ids] == [t2i.describe(attrs, t) for t in range(3)]
-    images, right, wrong = t2i.sample_batch(data, 64, torch.Generator().manual_seed(0))
-    assert images.shape == (64, 3, 32, 32)
+    images, right, wrong, labels = t2i.sample_batch(data, 64, torch.Generator().manual_seed(0))
+    assert images.shape == (64, 3, 32, 32) and labels.shape == (64, 4) and data.class_counts == (4, 3, 2, 4)
+    for caption_id, attrs in zip(right.tolist(), labels.tolist()):   # the labels are the right caption's
+        assert data.captions[caption_id] in [t2i.describe(attrs, t) for t in range(3)]
     assert (data.caption_groups[right] != data.caption_groups[wrong]).all()
     with pytest.raises(ValueError, match="at least two groups"):
         t2i.mismatched_captions(torch.zeros(3, dtype=torch.long), torch.zeros(5, dtype=torch.long),
@@ -225,6 +235,9 @@ def test_flowers_dataset_matches_captions_by_file_stem(tmp_path, monkeypatch):
     assert ds.caption_ids == [[0, 1], [1]] and ds.caption_groups.tolist() == [0, 0]
     image, caption_id, label = ds[1]
     assert image.shape == (3, 32, 32) and caption_id == 1 and label == 0
+    assert ds.class_labels.tolist() == [[0], [0]] and ds.class_counts == (102,)
+    batch = ds.image_batch(torch.tensor([1, 0, 1]))
+    assert batch.shape == (3, 3, 32, 32) and torch.equal(batch[0], batch[2]) and batch.min() >= -1
 
 
 def tiny_clip_text_tower(folder: Path) -> Path:
@@ -254,3 +267,298 @@ def test_clip_text_tower_gives_its_projected_sentence_vector(tmp_path):
     with pytest.warns(UserWarning, match="more than the 77 .* truncated"):
         out = encoder.encode(["abc", "x" * 100])
     assert out.shape == (2, 16)
+
+
+def tiny_models(seed: int = 0, cbn: bool = False, projection: bool = False,
+                n_classes: tuple = ()) -> tuple[t2i.Generator, t2i.Discriminator]:
+    """A 16-px generator and discriminator on 8-d embeddings."""
+    torch.manual_seed(seed)
+    g = t2i.Generator(8, z_dim=4, projected_dim=4, ngf=4, image_size=16, conditional_bn=cbn)
+    d = t2i.Discriminator(8, projected_dim=4, ndf=4, image_size=16, projection=projection, n_classes=n_classes)
+    return g, d
+
+
+def test_improved_generator_and_discriminator_shapes_and_parameter_counts():
+    g, d = tiny_models(cbn=True, projection=True, n_classes=(3, 2))
+    # paper G (embedding 8, z 4, projection 4, widths 8, 4): Linear 8*4+4 = 36, BN1d 8, ConvT 8->8 (4x4) 1024,
+    # BN 16, ConvT 8->4 512, BN 8, ConvT 4->3 192: 1796. Conditional BN drops BN's 16 + 8 constants and adds
+    # Linear(code 8 -> 2*8) = 144 and Linear(8 -> 2*4) = 72: 1796 - 24 + 216 = 1988
+    assert count_parameters(tiny_models()[0]) == 1796 and count_parameters(g) == 1988
+    # projection: Linear(4 -> 8 feature channels, no bias) = 32; class heads: Linear(8 * 4 * 4 -> 3) = 387
+    # and Linear(128 -> 2) = 258
+    assert count_parameters(d) == count_parameters(tiny_models()[1]) + 32 + 387 + 258
+    images = g(torch.randn(5, 4), torch.randn(5, 8))
+    logits, features = d(images, torch.randn(5, 8))
+    assert images.shape == (5, 3, 16, 16) and logits.shape == (5,) and features.shape == (5, 8, 4, 4)
+    assert [head(features.flatten(1)).shape for head in d.class_heads] == [(5, 3), (5, 2)]
+
+
+def test_projection_term_is_the_inner_product_of_text_code_and_summed_features():
+    _, d = tiny_models(projection=True)
+    d.eval()
+    images, text = torch.randn(3, 3, 16, 16), torch.randn(3, 8)
+    logits, features = d(images, text)
+    d.text_to_features = None                       # the paper's D with the same weights
+    plain, _ = d(images, text)
+    d.text_to_features = tiny_models(projection=True)[1].text_to_features
+    by_hand = (d.text_to_features(d.project(text)) * features.sum(dim=(2, 3))).sum(dim=1)
+    assert torch.allclose(logits - plain, by_hand, atol=1e-5)
+
+
+def test_noise_changes_the_image_of_one_caption_only_through_g():
+    g, _ = tiny_models(cbn=True)
+    text = torch.randn(1, 8).expand(2, -1)
+    two = t2i.generate(g, torch.randn(2, 4), text)
+    assert (two[0] - two[1]).abs().max() > 1e-3     # conditional BN: z also acts after the first layer
+    same = t2i.generate(g, torch.zeros(2, 4), text)
+    assert torch.allclose(same[0], same[1])
+
+
+def step_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of 8: images, right and wrong embeddings, labels of two kinds (3 and 2 values)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(8, 3, 16, 16, generator=g) * 2 - 1, torch.randn(8, 8, generator=g),
+            torch.randn(8, 8, generator=g), torch.stack([torch.arange(8) % 3, torch.arange(8) % 2], 1))
+
+
+def test_feature_matching_uses_the_discriminator_after_its_step():
+    """Issue 10.4: the real features of the feature-matching term come from the same D as the fake ones."""
+    g, d = tiny_models()
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.SGD(d.parameters(), lr=0.5)
+    images, h, h_wrong, labels = step_inputs()
+    g_before, d_before = copy.deepcopy(g), copy.deepcopy(d)
+    scaler, recipe = torch.amp.GradScaler("cpu", enabled=False), t2i.TextToImageRecipe(gan_int=0, feature_matching=1)
+    torch.manual_seed(1)
+    scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, images, h, h_wrong, labels, recipe)
+    torch.manual_seed(1)
+    fake = g_before(torch.randn(8, 4), h)           # the step's fakes: its first draw, G before its own step
+    with torch.no_grad():
+        fake_features = d(fake, h)[1]
+        same_d = feature_matching_mse(fake_features, d(images, h)[1]).item()
+        stale = feature_matching_mse(fake_features, d_before(images, h)[1]).item()
+    assert abs(same_d - stale) > 1e-3               # the test can tell the two apart
+    assert scalars["loss/G_fm"].item() == pytest.approx(same_d, rel=1e-4)
+
+
+def test_train_step_moves_both_networks_and_logs_every_term():
+    g, d = tiny_models(cbn=True, projection=True, n_classes=(3, 2))
+    g0, d0 = copy.deepcopy(g.state_dict()), copy.deepcopy(d.state_dict())
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+    recipe = t2i.TextToImageRecipe(gan_int=1, feature_matching=1, l1=1, mode_seeking=1, auxiliary=1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, *step_inputs(), recipe)
+    assert {"loss/D", "loss/G", "loss/G_gan", "loss/G_int", "loss/G_fm", "loss/G_l1", "loss/G_ms", "loss/G_aux",
+            "D/real_right", "D/real_wrong", "D/fake"} <= set(scalars)
+    parts = sum(scalars[f"loss/G_{k}"] for k in ("gan", "int", "fm", "l1", "ms", "aux"))
+    assert scalars["loss/G"].item() == pytest.approx(parts.item(), rel=1e-5)
+    assert not torch.equal(g.state_dict()["stem.weight"], g0["stem.weight"])
+    assert not torch.equal(d.state_dict()["score.weight"], d0["score.weight"])
+
+
+def fit_state(seed: int = 0) -> dict:
+    g, d = tiny_models(seed, cbn=True)
+    return {"G": g, "D": d, "opt_g": torch.optim.Adam(g.parameters(), 1e-3),
+            "opt_d": torch.optim.Adam(d.parameters(), 1e-3), "scaler": torch.amp.GradScaler("cpu", enabled=False),
+            "run": t2i.TextToImageRun(History())}
+
+
+def test_fit_stopped_and_resumed_equals_a_straight_run(tmp_path):
+    data = t2i.make_shapes(24, t2i.all_combinations(), image_size=16, seed=0, captions_per_image=2)
+    table = torch.randn(len(data.captions), 8, generator=torch.Generator().manual_seed(0))
+
+    def batch_at(step):
+        images, right, wrong, labels = t2i.sample_batch(data, 8, torch.Generator().manual_seed(step))
+        return images, table[right], table[wrong], labels
+
+    fixed, recipe, config = (torch.randn(2, 4), table[:2]), t2i.TextToImageRecipe(mode_seeking=1), {"width": 4}
+    straight = t2i.train_text_to_image(fit_state(), batch_at, recipe, t2i.TextToImageSchedule(4, checkpoint_every=2), tmp_path / "a.pt",
+                       config, fixed)
+    t2i.train_text_to_image(fit_state(), batch_at, recipe, t2i.TextToImageSchedule(2), tmp_path / "b.pt", config, fixed)
+    resumed_state = fit_state(seed=1)                 # a fresh session: other initial weights, then the checkpoint
+    resumed = t2i.train_text_to_image(resumed_state, batch_at, recipe, t2i.TextToImageSchedule(4), tmp_path / "b.pt", config, fixed)
+    assert resumed.step == straight.step == 4 and sorted(resumed.snapshots) == [2, 4]   # 2: where it stopped
+    assert resumed.history.series("loss/G") == straight.history.series("loss/G")
+    assert torch.equal(resumed.snapshots[4], straight.snapshots[4])
+    assert resumed.stopwatch.iterations == 4
+
+
+def test_within_caption_spread_by_hand():
+    black, white = -torch.ones(3, 2, 2), torch.ones(3, 2, 2)
+    # pixels in [0, 1]: black 0, white 1; RMS distance black-white = 1, black-black = 0
+    assert t2i.within_caption_spread(torch.stack([black, white])[None]).tolist() == [1.0]
+    # three images 0, 0, 1: ordered pairs (6) have distances 0, 1, 0, 1, 1, 1 -> 4 / 6
+    spread = t2i.within_caption_spread(torch.stack([black, black, white])[None])
+    assert spread.item() == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="K >= 2"):
+        t2i.within_caption_spread(black[None, None])
+
+
+def test_real_shapes_of_one_caption_differ_and_stay_in_their_corner():
+    real = t2i.real_images_per_combination([(2, 1, 1, 3)], 6, 64, seed=0)   # large blue square, bottom right
+    assert real.shape == (1, 6, 3, 64, 64) and t2i.within_caption_spread(real).item() > 0.05
+    blue = (real[0] * 127.5 + 127.5).round().permute(0, 2, 3, 1).eq(torch.tensor(t2i.COLOURS["blue"])).all(-1)
+    ys, xs = blue.nonzero()[:, 1], blue.nonzero()[:, 2]
+    assert ys.float().mean() > 32 and xs.float().mean() > 32
+
+
+def test_mean_and_spread_by_hand():
+    assert t2i.mean_and_spread([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))   # sample std: sqrt(2 / 2)
+    assert t2i.mean_and_spread([0.5]) == (0.5, 0.0)
+
+
+def test_caption_accuracy_of_a_generator_that_ignores_its_text_equals_the_shuffled_control():
+    g, _ = tiny_models()
+    attrs = torch.tensor([[0, 1, 0, 2], [0, 1, 0, 2], [1, 0, 0, 0], [3, 2, 1, 1]])
+    scores = t2i.caption_accuracy(g, FixedClassifier(), torch.randn(4, 8), attrs, seeds=(0, 1, 2))
+    assert [s["all"] for s in scores["matching"]] == [0.5, 0.5, 0.5]      # rows 0 and 1 are what it always draws
+    assert [s["all"] for s in scores["shuffled"]] == [0.5, 0.5, 0.5]
+
+
+WARNING_PAGE = """<html><body><p>Google Drive can't scan this file for viruses.</p>
+<form id="download-form" action="{action}" method="get">
+<input type="submit" id="uc-download-link" value="Download anyway"/>
+<input type="hidden" name="id" value="FILE"><input type="hidden" name="export" value="download">
+<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="u-123"></form></body></html>"""
+
+
+def test_drive_urls_carry_the_resource_key():
+    urls = t2i.drive_download_urls("FILE", "0-KEY")
+    assert [urllib.parse.urlsplit(u).netloc for u in urls] == ["drive.usercontent.google.com", "drive.google.com"]
+    for url in urls:
+        assert dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)) == {
+            "id": "FILE", "export": "download", "resourcekey": "0-KEY", "confirm": "t"}
+
+
+def test_drive_confirmation_url_from_the_warning_page():
+    page_url = "https://drive.usercontent.google.com/download?id=FILE&export=download&resourcekey=0-KEY"
+    page = WARNING_PAGE.format(action="https://drive.usercontent.google.com/download")
+    url = t2i.drive_confirmation_url(page, page_url)
+    parts = urllib.parse.urlsplit(url)
+    assert parts.netloc == "drive.usercontent.google.com" and parts.path == "/download"
+    assert dict(urllib.parse.parse_qsl(parts.query)) == {
+        "resourcekey": "0-KEY", "id": "FILE", "export": "download", "confirm": "t", "uuid": "u-123"}
+    old_page = '<a id="uc-download-link" href="/uc?export=download&amp;confirm=AbC&amp;id=FILE">Download</a>'
+    assert t2i.drive_confirmation_url(old_page, page_url) == (
+        "https://drive.usercontent.google.com/uc?export=download&confirm=AbC&id=FILE")
+    assert t2i.drive_confirmation_url("<p>Quota exceeded</p>", page_url) is None
+
+
+def caption_archive() -> bytes:
+    """A tar.gz laid out like cvpr2016_flowers.tar.gz: cvpr2016_flowers/text_c10/class_00001/image_00001.txt."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        text = b"this flower has white petals\nthe petals are round\n"
+        info = tarfile.TarInfo("cvpr2016_flowers/text_c10/class_00001/image_00001.txt")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def drive_server():
+    """A local stand-in for Google Drive: /quota answers a page without a form, /warn the virus-scan page whose
+    form leads to /download, which sends the archive only with the uuid and the resource key."""
+    archive = caption_archive()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            path, _, query = self.path.partition("?")
+            fields = dict(urllib.parse.parse_qsl(query))
+            if path == "/download" and fields.get("uuid") == "u-123" and fields.get("resourcekey") == "0-KEY":
+                body, kind = archive, "application/x-gzip"
+            elif path == "/warn":
+                body, kind = WARNING_PAGE.format(action="/download").encode(), "text/html; charset=utf-8"
+            else:
+                body, kind = b"<p>Quota exceeded</p>", "text/html"
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_flowers_captions_download_follows_the_warning_page_after_a_failed_source(tmp_path, drive_server,
+                                                                                   monkeypatch):
+    monkeypatch.delenv(t2i.FLOWERS_CAPTIONS_ENV, raising=False)
+    urls = [f"{drive_server}/quota", f"{drive_server}/warn?id=FILE&export=download&resourcekey=0-KEY"]
+    folder = t2i.download_flowers_captions(tmp_path, urls=urls, timeout=5)
+    assert t2i.load_flowers_captions(folder) == {"image_00001": ["this flower has white petals",
+                                                                 "the petals are round"]}
+    assert t2i.download_flowers_captions(tmp_path, urls=["http://127.0.0.1:1/never"]) == folder   # kept
+
+
+def test_flowers_captions_failure_says_what_to_download_by_hand(tmp_path, drive_server, monkeypatch):
+    monkeypatch.delenv(t2i.FLOWERS_CAPTIONS_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=r"quota: .*answered with a web page.*download Reed et al.'s "
+                                           r"cvpr2016_flowers.tar.gz by hand.*T2I_FLOWERS_CAPTIONS"):
+        t2i.download_flowers_captions(tmp_path, urls=[f"{drive_server}/quota"], timeout=5)
+
+
+def test_flowers_captions_from_a_local_archive_or_folder(tmp_path, monkeypatch):
+    archive = tmp_path / "cvpr2016_flowers.tar.gz"
+    archive.write_bytes(caption_archive())
+    monkeypatch.setenv(t2i.FLOWERS_CAPTIONS_ENV, str(archive))
+    folder = t2i.download_flowers_captions(tmp_path / "data", urls=[])
+    assert folder == tmp_path / "data" / "flowers-captions" and len(t2i.load_flowers_captions(folder)) == 1
+    monkeypatch.setenv(t2i.FLOWERS_CAPTIONS_ENV, str(folder))
+    assert t2i.download_flowers_captions(tmp_path / "elsewhere", urls=[]) == folder
+    monkeypatch.setenv(t2i.FLOWERS_CAPTIONS_ENV, str(tmp_path / "missing.tar.gz"))
+    with pytest.raises(FileNotFoundError, match="neither a file nor a folder with text_c10"):
+        t2i.download_flowers_captions(tmp_path / "other", urls=[])
+
+
+def test_same_caption_pixel_distance_by_hand():
+    # group 0: an all-black and an all-white image (|(-1) - 1| = 2 at every pixel); group 1: two equal images
+    images = torch.stack([-torch.ones(3, 4, 4), torch.ones(3, 4, 4), torch.zeros(3, 4, 4), torch.zeros(3, 4, 4)])
+    data = t2i.CaptionedImageSet(images, [[0], [0], [1], [1]], torch.tensor([0, 0, 1, 1]), ["a", "b"],
+                                 torch.tensor([0, 1]))
+    distance = t2i.same_caption_pixel_distance(data, 200, torch.Generator().manual_seed(0))
+    assert 0.8 < distance < 1.2            # about half the pairs are 2 apart, the other half 0
+    only = t2i.CaptionedImageSet(images[:2], [[0], [1]], torch.tensor([0, 1]), ["a", "b"], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="only one of its group"):
+        t2i.same_caption_pixel_distance(only, 1, torch.Generator())
+    assert t2i.MEAN_Z_DISTANCE == pytest.approx(torch.randn(200_000).sub(torch.randn(200_000)).abs().mean().item(),
+                                                rel=0.01)
+
+
+def test_auxiliary_class_loss_sums_the_heads_by_hand():
+    _, d = tiny_models(n_classes=(3, 2))
+    for head in d.class_heads:                       # zero heads: uniform predictions
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    labels = torch.tensor([[0, 1], [2, 0]])
+    # uniform over 3 values: ln 3 per image; over 2: ln 2; summed over the two heads
+    loss = t2i.auxiliary_class_loss(d, torch.randn(2, 8, 4, 4), labels)
+    assert loss.item() == pytest.approx(np.log(3) + np.log(2), abs=1e-6)
+
+
+def test_packs_hold_images_of_one_group():
+    # image i is filled with i / 100 and belongs to group i % 3: a pack's second image must be another
+    # image (other value) of the same group
+    images = torch.arange(12.0).div(100).view(12, 1, 1, 1).expand(12, 3, 4, 4)
+    groups = torch.arange(12) % 3
+    data = t2i.CaptionedImageSet(images, [[int(g)] for g in groups], groups, ["a", "b", "c"],
+                                 torch.arange(3), attributes=torch.zeros(12, 4, dtype=torch.long))
+    packs, right, _, _ = t2i.sample_batch(data, 32, torch.Generator().manual_seed(0), pack=2)
+    assert packs.shape == (32, 6, 4, 4)
+    first, second = (packs[:, c, 0, 0].mul(100).round().long() for c in (0, 3))
+    assert (first != second).all() and (groups[first] == groups[second]).all()
+    assert (right == groups[first]).all()           # caption id k belongs to group k here
+
+
+def test_packed_stacks_the_chunks_on_channels_and_d_reads_packs():
+    a, b = torch.zeros(2, 3, 16, 16), torch.ones(2, 3, 16, 16)
+    pack = t2i.packed(torch.cat([a, b]), 2)          # chunk 1 (a) on channels 0-2, chunk 2 (b) on 3-5
+    assert pack.shape == (2, 6, 16, 16) and pack[:, :3].eq(0).all() and pack[:, 3:].eq(1).all()
+    assert t2i.packed(a, 1) is a
+    d = t2i.Discriminator(8, projected_dim=4, ndf=4, image_size=16, pack=2)
+    logits, features = d(pack, torch.randn(2, 8))
+    assert logits.shape == (2,) and features.shape == (2, 8, 4, 4)
