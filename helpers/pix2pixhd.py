@@ -478,7 +478,7 @@ def snapshot(G: nn.Module, setup: TrainingSetup, size: int) -> Tensor:
     return G(setup.fast.tensor(setup.encode(setup.preview, size)[0])).float().cpu()
 
 
-def train_epoch(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
+def pix2pixhd_train_epoch(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
                 opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, setup: TrainingSetup,
                 size: int, record: dict, lr: float) -> None:
     """One pass over the data at `size` px. The losses stay on the device until the epoch ends, so
@@ -539,7 +539,7 @@ def train_stage(stage: Stage, G: nn.Module, D: nn.Module, setup: TrainingSetup, 
         lr = linear_decay_lr(progress.epoch, setup.lr, *stage.epochs)
         set_lr(opt_g, lr)
         set_lr(opt_d, lr)
-        train_epoch(G, D, opt_g, opt_d, scaler, setup, stage.size, record, lr)
+        pix2pixhd_train_epoch(G, D, opt_g, opt_d, scaler, setup, stage.size, record, lr)
         progress.epoch += 1
         if progress.epoch % setup.snapshot_every == 0 or progress.epoch == n_epochs:
             progress.snapshots[record["stopwatch"].iterations] = snapshot(G, setup, stage.size)

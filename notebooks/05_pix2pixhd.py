@@ -409,7 +409,7 @@ print({k: round(v.item(), 4) for k, v in same.items()})
 # the first `FIX_GLOBAL_EPOCHS` epochs (only $G_2$ learns), then trains all of $G$ with a freshly built Adam. The
 # discriminator carries over. The learning rate is constant, then decays linearly (per stage).
 
-# %% [helpers] pix2pixhd: train_epoch
+# %% [helpers] pix2pixhd: pix2pixhd_train_epoch
 
 # %% [helpers] pix2pixhd: Stage, two_stage_plan
 
