@@ -482,9 +482,10 @@ print(f"{run.stopwatch.iterations:,} iterations, {run.stopwatch.seconds:.1f} s o
 # Each change raises accuracy on the training combinations; the label heads do most of it, but alone they learn
 # the combinations seen in training (42 % on unseen ones) and, like every row before, ignore the noise. Packing is
 # what makes $G$ use its noise (spread 0.013 → 0.136, near the real 0.144) and generalise to unseen combinations
-# (42 % → 84 %). GAN-INT costs 9 points here: the shapes' attributes are discrete, so a caption halfway between two
-# others describes no image; on flowers it stays on, as in the paper. Feature matching, L1 and mode seeking
-# (section 6) stay off. One seed per row, 5 to 9 minutes each on 2 CPU cores.
+# (42 % → 84 %). GAN-INT costs 9 points here, plausibly because the shapes' attributes are discrete: a caption
+# halfway between two others describes no image. On flowers it stays on, as in the paper. Feature matching, L1 and
+# mode seeking (section 6) stay off; this table does not measure them. One seed per row, 5 to 9 minutes each on 2
+# CPU cores.
 
 # %% [markdown]
 # ## 8. Losses and samples over training
