@@ -6,6 +6,7 @@ Notebooks 01 and 02 share this code and differ only in the dataset and their tex
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
@@ -148,17 +149,13 @@ def improved_recipe(device: torch.device, latent_dim: int = 100,
                     g_hidden: Sequence[int] = (128, 256, 512, 1024),
                     d_hidden: Sequence[int] = (512, 256), lr: float = 2e-4,
                     betas: tuple[float, float] = (0.0, 0.9), ema_decay: float = 0.99) -> Recipe:
-    """The improved recipe: the seed's networks, losses and learning rate; Adam(lr, betas) without
-    momentum; samples drawn from a moving average of G's weights."""
-    G = Generator(latent_dim, g_hidden).to(device)
-    D = Discriminator(d_hidden).to(device)
-    G_ema = copy.deepcopy(G).requires_grad_(False)
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=betas)
-    config = {"recipe": "improved", "latent_dim": latent_dim, "g_hidden": list(g_hidden),
-              "d_hidden": list(d_hidden), "lr": lr, "betas": list(betas), "ema_decay": ema_decay}
-    step = partial(improved_step, G, D, opt_g, opt_d, G_ema, ema_decay)
-    return Recipe("improved", G, D, opt_g, opt_d, step, G_ema, config)
+    """The improved recipe: the seed's recipe with Adam(lr, betas) without momentum, and samples
+    drawn from a moving average of G's weights."""
+    base = seed_recipe(device, latent_dim, g_hidden, d_hidden, lr, betas)
+    G_ema = copy.deepcopy(base.G).requires_grad_(False)
+    step = partial(improved_step, base.G, base.D, base.opt_g, base.opt_d, G_ema, ema_decay)
+    config = {**base.config, "recipe": "improved", "ema_decay": ema_decay}
+    return dataclasses.replace(base, name="improved", step=step, sampler=G_ema, config=config)
 
 
 # --- the training loop ----------------------------------------------------------------------------

@@ -479,8 +479,8 @@ def snapshot(G: nn.Module, setup: TrainingSetup, size: int) -> Tensor:
 
 
 def pix2pixhd_train_epoch(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
-                opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, setup: TrainingSetup,
-                size: int, record: dict, lr: float) -> None:
+                          opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                          setup: TrainingSetup, size: int, record: dict, lr: float) -> None:
     """One pass over the data at `size` px. The losses stay on the device until the epoch ends, so
     that logging never makes the CPU wait for the GPU in the middle of an epoch."""
     G.train()

@@ -490,11 +490,12 @@ def download_flowers_captions(root: str | os.PathLike, urls: Sequence[str] | Non
     archive or URL) or else from Google Drive (`urls`: where to try, default drive_download_urls); the folder."""
     target = Path(root) / "flowers-captions"
     given = os.environ.get(FLOWERS_CAPTIONS_ENV, "")
-    if given and not given.startswith(("http://", "https://")) and any(Path(given).rglob("text_c10")):
+    local = bool(given) and not given.startswith(("http://", "https://"))
+    if local and any(Path(given).rglob("text_c10")):
         return Path(given)
     if any(target.rglob("text_c10")):
         return target
-    archive, errors = (Path(given) if given and not given.startswith("http") else None), []
+    archive, errors = (Path(given) if local else None), []
     if archive is not None and not archive.is_file():
         raise FileNotFoundError(f"{FLOWERS_CAPTIONS_ENV}='{given}' is neither a file nor a folder with text_c10; "
                                 f"{FLOWERS_CAPTIONS_HELP}")
