@@ -30,10 +30,8 @@
 # one (section 7 compares the two and measures each change).
 
 # %%
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle CPU threads sleep
 import math
+import os
 import textwrap
 import warnings
 from dataclasses import dataclass, field
