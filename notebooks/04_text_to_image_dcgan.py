@@ -15,10 +15,10 @@
 # (how different the images of one caption are, beside real images of that caption); images from your own sentences
 # and caption interpolation.
 #
-# **Run time.** Measured on 2 CPU cores (no GPU): the shapes run (6,000 iterations at batch 64, 32 px, 16 feature
-# maps) takes 7.3 min in all, 6.5 min of it training (15.4 it/s); the paper's recipe 10.2 min, 9.5 of it training
-# (10.5 it/s, with another job on the same 2 cores for about a minute). Smoke mode (CI) takes about 15 s. Flowers at
-# the paper's size (64 px, 64 feature maps, 30,000 iterations) is meant for a GPU and has not been timed yet: the
+# **Run time.** Measured on 2 idle CPU cores (no GPU): the shapes run (6,000 iterations at batch 64, 32 px, 16
+# feature maps) takes 4.6 min in all, 4.0 min of it training (25.1 it/s); the paper's recipe 7.1 min, 6.5 of it
+# training (15.4 it/s: GAN-INT runs $G$ and $D$ once more per iteration). Smoke mode (CI) takes about 15 s. Flowers
+# at the paper's size (64 px, 64 feature maps, 30,000 iterations) is meant for a GPU and has not been timed yet: the
 # machines that built this notebook had none.
 
 # %% SETUP
@@ -461,8 +461,8 @@ print(f"{run.stopwatch.iterations:,} iterations, {run.stopwatch.seconds:.1f} s o
 #
 # | recipe | all four attributes right, seen / unseen combinations | shuffled captions, seen / unseen | spread across noise (real: 0.144) | training |
 # |---|---|---|---|---|
-# | paper (GAN-CLS + GAN-INT) | 33.2 ± 0.9 % / 26.1 ± 1.0 % | 0.7 % / 2.5 % | 0.033 ± 0.001 | 9.5 min |
-# | improved | **87.5 ± 2.3 %** / **83.6 ± 1.4 %** | 1.3 % / 4.5 % | 0.125 ± 0.004 | 6.5 min |
+# | paper (GAN-CLS + GAN-INT) | 33.2 ± 0.9 % / 26.1 ± 1.0 % | 0.7 % / 2.5 % | 0.033 ± 0.001 | 6.5 min |
+# | improved | **87.5 ± 2.3 %** / **83.6 ± 1.4 %** | 1.3 % / 4.5 % | 0.125 ± 0.004 | 4.0 min |
 #
 # The improved recipe keeps the paper's GAN-CLS loss, networks and optimiser and changes one thing at a time.
 # `tools/t2i_ablation.py` trains each step of the way on this shapes set for the same 6,000 iterations and scores
