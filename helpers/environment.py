@@ -5,6 +5,8 @@ import os
 import random
 import sys
 import tempfile
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +54,112 @@ def pick_device(prefer: str | None = None) -> torch.device:
 
 
 def describe_device(device: torch.device) -> str:
-    """A short name for metrics.json, e.g. 'cuda:NVIDIA T4' or 'cpu'."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
+    """A short name for metrics.json, e.g. 'cuda:Tesla T4', 'cpu', or 'cpu (T4 emulation)' with EMULATE_T4=1."""
+    name = f"cuda:{torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+    return f"{name} (T4 emulation)" if emulate_t4() else name
+
+
+# --- the GPU path: what a notebook decides from its device, and the T4 emulation that tests it on a CPU ----
+
+T4_CAPABILITY = (7, 5)  # compute capability of Colab's free Tesla T4: fp16 tensor cores, no bf16, no TF32
+
+
+def emulate_t4() -> bool:
+    """True when the environment asks for EMULATE_T4=1: take the decisions a Tesla T4 would make (fp16 autocast,
+    an enabled GradScaler, channels-last, fused Adam, no bf16, no TF32) on whatever device runs."""
+    value = os.environ.get("EMULATE_T4", "0").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"EMULATE_T4={value!r} is not understood; set EMULATE_T4=1 to take a T4's decisions, or 0")
+
+
+@dataclass(frozen=True)
+class GpuChoices:
+    """The speed and precision decisions of a notebook, taken from its device once.
+
+    On CUDA they follow the GPU's compute capability: fp16 autocast with a GradScaler on a T4 (7.x), bf16
+    autocast without one from 8.x (A100, L4, H100). With EMULATE_T4=1 they are a T4's on any device, so that
+    a CPU runs the code of the GPU path. What only real CUDA has (CUDA graphs, cuDNN flags, bitsandbytes,
+    torch.cuda memory queries) is decided by `cuda`, and `skip` says so when emulation passes over it."""
+
+    device: torch.device
+    capability: tuple[int, int] | None  # the GPU's compute capability (T4: 7.5); None: no GPU decisions
+    cuda: bool  # a real CUDA device: graphs, cuDNN, bitsandbytes, torch.cuda memory queries
+    emulated: bool  # EMULATE_T4=1
+
+    @property
+    def gpu_path(self) -> bool:
+        """True where the notebook takes its GPU path (a CUDA device, or the T4 emulation)."""
+        return self.capability is not None
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """Autocast dtype: bf16 from compute capability 8, fp16 on 7.x (T4), None (fp32) otherwise."""
+        if self.capability is None or self.capability[0] < 7:
+            return None
+        return torch.bfloat16 if self.capability[0] >= 8 else torch.float16
+
+    @property
+    def grad_scaler_enabled(self) -> bool:
+        """fp16 needs loss scaling (its small gradients underflow); bf16 and fp32 do not."""
+        return self.amp_dtype == torch.float16
+
+    @property
+    def channels_last(self) -> bool:
+        """NHWC memory layout, which tensor-core convolutions prefer."""
+        return self.gpu_path
+
+    @property
+    def fused_adam(self) -> bool:
+        """Adam's update as one fused kernel (CUDA, and the CPU under emulation)."""
+        return self.gpu_path
+
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for the autocast dtype: 'fp16', 'bf16' or 'no'."""
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.amp_dtype, "no")
+
+    def autocast(self, enabled: bool = True) -> AbstractContextManager:
+        """torch.autocast in `amp_dtype` on this device; a no-op context without one."""
+        if self.amp_dtype is None or not enabled:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler for this device, enabled exactly when the autocast dtype is fp16."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.grad_scaler_enabled)
+
+    def skip(self, what: str, instead: str = "") -> None:
+        """Print that `what` needs a real CUDA device and is skipped here (and what runs instead)."""
+        print(f"EMULATE_T4: {what} needs a CUDA device, so it is skipped on {self.device.type}"
+              + (f"; instead: {instead}" if instead else ""))
+
+    def describe(self) -> str:
+        """One line for the notebook's output."""
+        if not self.gpu_path:
+            return f"{self.device.type}: fp32, no GPU fast paths"
+        amp = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
+        parts = [f"autocast {amp}", "GradScaler" * self.grad_scaler_enabled, "channels-last", "fused Adam"]
+        where = (f"T4 emulation on {self.device.type}" if self.emulated and not self.cuda
+                 else f"compute capability {self.capability[0]}.{self.capability[1]}"
+                 + (" (T4's choices forced by EMULATE_T4=1)" if self.emulated else ""))
+        return f"{describe_device(self.device)}: {', '.join(p for p in parts if p)} ({where})"
+
+
+def gpu_choices(device: torch.device) -> GpuChoices:
+    """The decisions for `device`: a CUDA GPU's own, a T4's with EMULATE_T4=1 (also on a bigger GPU, where TF32
+    is then turned off as a T4 has none), and none (fp32, no fast path) on a CPU or Apple GPU."""
+    emulated = emulate_t4()
+    cuda = device.type == "cuda"
+    if emulated:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        return GpuChoices(device, T4_CAPABILITY, cuda, True)
+    capability = tuple(torch.cuda.get_device_capability(device)) if cuda else None
+    return GpuChoices(device, capability, cuda, False)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,74 @@
+"""Downloads: every fetch over the internet goes through here, with a timeout, a User-Agent that names the
+project and its address (Wikimedia, among others, refuses anonymous clients), and an error that says what to
+do. `fetch_first` tries a list of public sources in turn."""
+from __future__ import annotations
+
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+PROJECT_URL = "https://github.com/genimg-notebooks/genimg-notebooks"
+USER_AGENT = f"genimg-notebooks/1.0 (+{PROJECT_URL}; course notebooks) Python-urllib"
+TIMEOUT_S = 60  # seconds without a byte before a download counts as stalled
+
+
+class DownloadError(ConnectionError):
+    """No source of a file could be downloaded; the message lists each source and what to do."""
+
+
+def open_url(url: str, timeout: float = TIMEOUT_S):
+    """urlopen with the project's User-Agent and a timeout (a stalled server raises instead of hanging)."""
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def fetch_bytes(url: str, role: str = "file", timeout: float = TIMEOUT_S) -> bytes:
+    """The body of `url`; a failure says which input it was and what to do."""
+    try:
+        with open_url(url, timeout) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise DownloadError(
+            f"{role} '{url}' could not be downloaded within {timeout:g} s ({getattr(err, 'reason', err)}); check the "
+            "address and the runtime's internet connection, or download the file yourself and pass its path"
+        ) from err
+
+
+def fetch_file(url: str, target: str | os.PathLike, role: str = "file", timeout: float = TIMEOUT_S) -> Path:
+    """Download `url` into `target` (through a .part file, so an interrupted download leaves no half file)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    try:
+        with open_url(url, timeout) as response, open(part, "wb") as out:
+            shutil.copyfileobj(response, out)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{role} '{url}' could not be downloaded within {timeout:g} s ({getattr(err, 'reason', err)}); check the "
+            f"runtime's internet connection, or download it yourself to '{target}'"
+        ) from err
+    os.replace(part, target)
+    return target
+
+
+def fetch_first(urls: Sequence[str], target: str | os.PathLike, role: str = "file",
+                timeout: float = TIMEOUT_S) -> Path:
+    """Download the first of `urls` that answers into `target`, printing each source that failed; raises
+    DownloadError listing every source when none does."""
+    if not urls:
+        raise ValueError(f"{role}: no source to download from")
+    failures = []
+    for url in urls:
+        try:
+            return fetch_file(url, target, role, timeout)
+        except DownloadError as err:
+            failures.append(f"  {url}: {err.__cause__ or err}")
+            if url != urls[-1]:
+                print(f"{role}: '{url}' failed ({err.__cause__ or err}); trying the next source")
+    raise DownloadError(f"{role} could not be downloaded from any of its {len(urls)} sources:\n"
+                        + "\n".join(failures)
+                        + f"\nCheck the runtime's internet connection, or download it yourself to '{target}'")
