@@ -5,6 +5,7 @@ Notebooks 01 and 02 share this code and differ only in the dataset and their tex
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
+from .environment import gpu_choices
 from .losses import bce_discriminator_loss, bce_generator_loss
 from .plotting import save_figure
 from .training import History, Stopwatch, load_checkpoint, save_checkpoint
@@ -262,8 +264,10 @@ def train_gan(recipe: Recipe, images: Tensor, plan: Plan, folder: Path) -> GanRu
               "seed": plan.seed, "iterations_per_epoch": plan.iterations_per_epoch}
     if (folder / "last.pt").exists():
         load_checkpoint(folder / "last.pt", state, config=config)
-        print(f"{recipe.name}: resumed from {folder / 'last.pt'} at epoch {run.epoch}")
-    step = choose_step(recipe, plan.batch_size, images.device)
+        done = run.epoch >= plan.epochs
+        print(f"{recipe.name}: {'reusing the finished run' if done else 'resuming'} in "
+              f"{folder / 'last.pt'} (epoch {run.epoch} of {plan.epochs})")
+    step = choose_step(recipe, plan.batch_size, images.device) if run.epoch < plan.epochs else None
     started = time.perf_counter()
     while run.epoch < plan.epochs and time.perf_counter() - started < plan.time_limit_s:
         recipe.G.train(), recipe.D.train()
@@ -284,13 +288,18 @@ def train_gan(recipe: Recipe, images: Tensor, plan: Plan, folder: Path) -> GanRu
 
 def choose_step(recipe: Recipe, batch_size: int, device: torch.device) -> StepFn:
     """The recipe's step replayed as a CUDA graph on a GPU (graphed_step), else the eager step;
-    prints which."""
-    if device.type != "cuda":
+    prints which. With EMULATE_T4=1 on a CPU: graphed_step's function, its step run eagerly."""
+    choices = gpu_choices(device)
+    if not choices.gpu_path:
         for opt in (recipe.opt_g, recipe.opt_d):
             set_capturable(opt, False)  # e.g. a checkpoint written on a GPU, resumed on a CPU
         print(f"{recipe.name}: eager step on {device.type} (the CUDA-graph fast path needs a GPU)")
         return recipe.step
-    print(f"{recipe.name}: fast path, the whole step replayed as one CUDA graph per iteration")
+    if not choices.cuda:
+        choices.skip(f"{recipe.name}: capturing the step as a CUDA graph",
+                     "the graphed step's static buffers, warm-up and undo, with the step run eagerly")
+    else:
+        print(f"{recipe.name}: fast path, the whole step replayed as one CUDA graph per iteration")
     return graphed_step(recipe, batch_size)
 
 
@@ -329,29 +338,41 @@ def undone(recipe: Recipe) -> Iterator[None]:
 def graphed_step(recipe: Recipe, batch_size: int, warmup: int = 3) -> StepFn:
     """The recipe's step captured once as a CUDA graph: each call copies the batch and the noise
     into static buffers and replays the graph (one launch instead of hundreds); the next call
-    overwrites the returned tensors. Capture needs warm-up steps on a side stream: undone after."""
+    overwrites the returned tensors. Capture needs warm-up steps on a side stream: undone after.
+    Off CUDA (the T4 emulation) the same buffers, warm-up and undo run, and each call runs the
+    step eagerly instead of replaying it."""
     device = next(recipe.G.parameters()).device
+    cuda = device.type == "cuda"
     for opt in (recipe.opt_g, recipe.opt_d):
-        set_capturable(opt, True)
+        set_capturable(opt, cuda)  # Adam's capturable mode exists on CUDA only
     static_real = torch.zeros(batch_size, *IMAGE_SHAPE, device=device)
     static_z = torch.zeros(batch_size, recipe.G.latent_dim, device=device)
-    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device) if cuda else None
+    side = torch.cuda.Stream(device) if cuda else None
     with undone(recipe):
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        if cuda:
+            side.wait_stream(main)
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
             for _ in range(warmup):
                 recipe.step(static_real, static_z)
-        main.wait_stream(side)
+        if cuda:
+            main.wait_stream(side)
     recipe.G.zero_grad(set_to_none=True)  # the gradients are then allocated inside the graph
     recipe.D.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = recipe.step(static_real, static_z)
+    static_out: dict[str, Tensor] = {}
+    if cuda:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out.update(recipe.step(static_real, static_z))
+        replay = graph.replay
+    else:
+        def replay() -> None:
+            static_out.update(recipe.step(static_real, static_z))
 
     def step(real: Tensor, z: Tensor) -> dict[str, Tensor]:
         static_real.copy_(real)
         static_z.copy_(z)
-        graph.replay()
+        replay()
         return static_out
 
     return step

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from helpers import environment
-from helpers.environment import pick_device, run_dir, seed_everything, smoke_mode, use_drive_for_runs
+from helpers.environment import describe_device, gpu_choices, pick_device, run_dir, seed_everything, smoke_mode, use_drive_for_runs
 from helpers.training import (CheckpointMismatchError, History, Stopwatch, load_checkpoint, save_checkpoint,
                               time_per_step, write_metrics)
 
@@ -49,13 +49,6 @@ def test_run_dir_is_created_under_RUN_DIR_and_kept_apart_in_smoke_mode(tmp_path,
     assert (tmp_path / "01_mnist_gan").is_dir()
     monkeypatch.setenv("SMOKE", "1")
     assert run_dir("01_mnist_gan") == tmp_path / "01_mnist_gan-smoke"
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only folders")
-def test_run_dir_not_writable_says_what_to_do(tmp_path):
-    tmp_path.chmod(0o500)
-    with pytest.raises(PermissionError, match="set RUN_DIR"):
-        run_dir("x", root=tmp_path)
 
 
 def test_run_dir_under_a_file_says_what_to_do(tmp_path):
@@ -196,3 +189,83 @@ def test_metrics_json_has_the_common_fields(tmp_path):
     record = json.loads(path.read_text())
     assert record["mode"] == "smoke" and record["device"] == "cpu" and record["quality"] == {"fd": 3.2}
     assert record["peak_memory_mb"] > 0 and record["stand_ins"] == ["5k MNIST"]
+
+
+# --- the GPU path and its emulation --------------------------------------------------------------------------
+
+
+def test_a_cpu_takes_no_gpu_decisions(monkeypatch):
+    monkeypatch.setenv("EMULATE_T4", "0")
+    choices = gpu_choices(torch.device("cpu"))
+    assert not choices.gpu_path and not choices.cuda and choices.amp_dtype is None
+    assert not (choices.grad_scaler_enabled or choices.channels_last or choices.fused_adam)
+    assert choices.mixed_precision == "no" and not choices.grad_scaler().is_enabled()
+    with choices.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_emulate_t4_takes_a_t4s_decisions_on_the_cpu(monkeypatch):
+    """fp16 autocast (not the CPU's default bf16), an enabled GradScaler, channels-last, fused Adam."""
+    monkeypatch.setenv("EMULATE_T4", "1")
+    choices = gpu_choices(torch.device("cpu"))
+    assert choices.gpu_path and choices.emulated and not choices.cuda and choices.capability == (7, 5)
+    assert choices.amp_dtype == torch.float16 and choices.mixed_precision == "fp16"
+    assert choices.grad_scaler_enabled and choices.grad_scaler().is_enabled()
+    assert choices.channels_last and choices.fused_adam
+    with choices.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
+    assert describe_device(torch.device("cpu")) == "cpu (T4 emulation)"
+    assert "T4 emulation on cpu" in choices.describe() and "float16" in choices.describe()
+
+
+def test_an_fp16_step_under_emulation_scales_the_loss_and_skips_an_overflowing_step(monkeypatch):
+    """What the GradScaler does on a T4: gradients of the scaled loss are unscaled before Adam; a step whose
+    gradients overflow is skipped and the scale halved."""
+    monkeypatch.setenv("EMULATE_T4", "1")
+    choices = gpu_choices(torch.device("cpu"))
+    weight = nn.Parameter(torch.tensor([2.0]))
+    opt = torch.optim.SGD([weight], lr=0.1)
+    scaler = choices.grad_scaler()
+    with choices.autocast():
+        loss = (weight * 3.0).sum()  # d loss / d weight = 3
+    scaler.scale(loss).backward()
+    assert weight.grad.item() == 3.0 * 65536.0  # scaled by the initial scale, 2**16
+    scaler.step(opt), scaler.update()
+    assert weight.item() == pytest.approx(2.0 - 0.1 * 3.0, rel=1e-6)  # unscaled before the step
+    weight.grad = torch.tensor([float("inf")])
+    scaler.step(opt), scaler.update()
+    assert weight.item() == pytest.approx(1.7, rel=1e-6) and scaler.get_scale() == 32768.0
+
+
+@pytest.mark.parametrize("capability, amp, scaler", [((7, 5), torch.float16, True), ((8, 0), torch.bfloat16, False),
+                                                     ((6, 1), None, False)])
+def test_a_cuda_gpu_decides_by_its_compute_capability(monkeypatch, capability, amp, scaler):
+    monkeypatch.setenv("EMULATE_T4", "0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    choices = gpu_choices(torch.device("cuda"))
+    assert choices.cuda and choices.gpu_path and choices.amp_dtype == amp
+    assert choices.grad_scaler_enabled is scaler
+
+
+def test_emulate_t4_on_a_bigger_gpu_forces_a_t4s_choices_and_turns_tf32_off(monkeypatch):
+    monkeypatch.setenv("EMULATE_T4", "1")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        choices = gpu_choices(torch.device("cuda"))
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert choices.cuda and choices.capability == (7, 5) and choices.amp_dtype == torch.float16
+    assert tf32 == (False, False)
+
+
+def test_emulate_t4_rejects_unclear_values_and_skip_says_what_runs_instead(monkeypatch, capsys):
+    monkeypatch.setenv("EMULATE_T4", "maybe")
+    with pytest.raises(ValueError, match="EMULATE_T4=1"):
+        gpu_choices(torch.device("cpu"))
+    monkeypatch.setenv("EMULATE_T4", "1")
+    gpu_choices(torch.device("cpu")).skip("a CUDA graph", "the eager step")
+    assert capsys.readouterr().out.strip() == (
+        "EMULATE_T4: a CUDA graph needs a CUDA device, so it is skipped on cpu; instead: the eager step")

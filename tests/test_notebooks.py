@@ -168,3 +168,21 @@ def test_public_names_mean_one_thing_across_helpers():
                 owners.setdefault(node.name, []).append(path.stem)
     twice = {name: modules for name, modules in owners.items() if len(modules) > 1}
     assert not twice, f"one name, several definitions: {twice}"
+
+
+PLACEHOLDER = re.compile(r"\{\{\s*[A-Za-z_]+\s*\}\}|\b[A-Z0-9_]*_TO_COME\b|\bTODO\b|\bFIXME\b|\bTBD\b")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_unfilled_placeholder_reaches_a_student(name):
+    """A build key left as {{KEY}}, a NAME_TO_COME, TODO, FIXME or TBD in any cell is a placeholder shipped to
+    every student: numbers the text quotes are filled from the run (display(Markdown(f"..."))) or measured."""
+    found = [f"cell {i}: {m.group(0)!r}" for i, cell in enumerate(read(name).cells)
+             for m in PLACEHOLDER.finditer(cell.source)]
+    assert not found, f"{name} ships placeholders: {found}"
+
+
+def test_the_placeholder_check_catches_what_it_is_for():
+    assert PLACEHOLDER.search("divide the FD by FD_RATIO_TO_COME.") and PLACEHOLDER.search("{{TAKEAWAY}}")
+    assert PLACEHOLDER.search("TODO: measure") and not PLACEHOLDER.search("class_XXXXX/image_NNNNN.txt")
+    assert not PLACEHOLDER.search("TODOS and todo lists")
