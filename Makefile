@@ -1,5 +1,5 @@
 # Shortcuts for the README's commands (the scripts work without make).
-.PHONY: setup run test bench notebooks
+.PHONY: setup run test bench gpu-check notebooks
 setup:
 	bash tools/setup.sh
 run:
@@ -8,5 +8,7 @@ test:
 	bash tools/test.sh
 bench: setup
 	.venv/bin/python tools/bench.py
+gpu-check:
+	bash tools/gpu_check.sh
 notebooks:
 	.venv/bin/python tools/notebook.py build
