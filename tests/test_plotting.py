@@ -1,6 +1,8 @@
 """helpers.plotting: grids keep values and layout; tables check their size; figures are saved as PNG."""
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers.plotting import image_grid, show_image_table, show_panels, show_rows, to_display
 
@@ -19,10 +21,18 @@ def test_image_table_checks_its_size():
         show_image_table(torch.rand(3, 3, 8, 8), ["a", "b"], [0, 1], "t")
 
 
-def test_figures_are_saved_as_png(tmp_path):
+def test_figures_are_saved_as_png_showing_the_images(tmp_path):
+    """The saved PNG shows the panels: with a black image among them the figure holds a large block of black
+    pixels (the panel, drawn at many screen pixels per image pixel); with a white one instead, only the thin
+    black of text and frames."""
     show_image_table(torch.rand(4, 3, 8, 8), ["a", "b"], [0, 1], "table", tmp_path / "t.png")
-    show_panels({"x": torch.zeros(3, 8, 8), "y": torch.ones(2, 3, 8, 8)}, "panels", tmp_path / "p.png")
-    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "p.png").stat().st_size > 0
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    black = {}
+    for name, value in (("black", 0.0), ("white", 1.0)):
+        show_panels({"x": torch.full((3, 8, 8), value), "y": torch.ones(2, 3, 8, 8)}, "panels",
+                    tmp_path / f"{name}.png", value_range=(0.0, 1.0))
+        black[name] = int((np.asarray(Image.open(tmp_path / f"{name}.png").convert("L")) < 8).sum())
+    assert black["black"] > 20_000 and black["white"] < 5_000, black
 
 
 def test_show_rows_takes_a_mapping_or_pairs_with_repeated_labels(tmp_path):
