@@ -27,7 +27,7 @@ def time_recipe(label: str, step_name: str, build, device: torch.device, reduced
         rows.append({"notebook": label, "variant": "CUDA graph of the whole step (the notebook's GPU path)",
                      "baseline": False, "config": config,
                      **time_per_step(lambda: fast(real, z), device, 5 * iterations, 20),
-                     "note": "same updates as eager (tests/test_mnist_gan.py, CUDA only)"})
+                     "note": "same updates as eager (tests/test_mnist_gan.py)"})
     else:
         rows[0]["note"] += "; the CUDA-graph fast path is CUDA-only, not timed here"
     return rows
