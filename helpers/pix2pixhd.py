@@ -380,6 +380,8 @@ class FastPath:
     def describe(self) -> str:
         """The options that are on, in words."""
         amp = f"autocast {str(self.amp_dtype).removeprefix('torch.')}" if self.amp_dtype else "fp32"
+        if self.amp_dtype == torch.float16:
+            amp += f" with a loss scaler (from 2**{int(math.log2(self.init_scale))})"
         parts = [amp, "cuDNN autotuning" * self.cudnn_benchmark, "fused Adam" * self.fused_adam,
                  f"torch.compile ({self.compile_backend})" * self.compile,
                  "channels-last" * self.channels_last]

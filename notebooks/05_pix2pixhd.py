@@ -21,7 +21,8 @@
 # reviewer's H100 reached with this code on the official configuration in fp32 (2.9 TFLOP per step in 69.8 ms, about
 # 42 TFLOP/s) scaled down to a T4 by memory bandwidth (the step is bound by memory traffic; H100/T4 bandwidth ratio 6
 # to 10). The fp16 fast path a T4 gets should be faster; section 9 measures it. CPU smoke mode (`SMOKE=1`, tiny
-# models, 32×32 toy data): 14 to 15 s on 2 CPU cores shared with other jobs (measured under nbval, load average 7).
+# models, 32×32 toy data): 16 to 21 s on 2 shared CPU cores (measured under nbval), 31 to 52 s with
+# `EMULATE_T4=1`, where the CPU runs the fp16 path of a T4 (a CPU has no fast fp16 arithmetic).
 
 # %% SETUP
 
@@ -679,7 +680,8 @@ fig = show_rows({"input": input_picture(preview),
 # The same step timed side by side (`time_per_step`: warm-up first, then synchronised timing) at this run's full
 # size: the plain eager fp32 step a student would write, and the fast path this device gets. `make bench`
 # (`tools/bench_pix2pixhd.py`) does the same at the official configuration (1024×512, official widths), one row
-# per option. On a CPU the fast path *is* the eager step, so there is one row.
+# per option. On a CPU the fast path *is* the eager step, so there is one row. With `EMULATE_T4=1` the CPU also
+# times a T4's fast path: fp16 is slower there, so that row proves the code runs, not that it pays.
 
 # %%
 def step_to_time(fast: FastPath) -> Callable[[], object]:

@@ -109,6 +109,27 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, vgg, straight
     assert sorted(resumed.progress.snapshots) == sorted(straight.progress.snapshots)
 
 
+def test_a_second_call_says_it_resumes_or_reuses_and_trains_no_further(tmp_path, vgg, straight, capsys,
+                                                                     one_thread):
+    """What a second Run all does: a stopped run says "resuming" and ends as the straight run; a call on the
+    finished run says "reusing the finished run", trains nothing and gives the same models and records."""
+    assert p2p.saved_epochs("v", PLAN, tmp_path) == 0
+    run(tmp_path, vgg, stop_after=3)
+    assert p2p.saved_epochs("v", PLAN, tmp_path) == 3
+    assert "resuming" not in capsys.readouterr().out  # a fresh start says nothing
+    resumed = run(tmp_path, vgg)
+    assert f"v: resuming the run saved in {tmp_path / 'checkpoints'} (epoch 3 of 6)" in capsys.readouterr().out
+    assert resumed.saved_before == 3 and p2p.saved_epochs("v", PLAN, tmp_path) == 6
+    again = run(tmp_path, vgg)
+    assert f"v: reusing the finished run in {tmp_path / 'checkpoints'} (epoch 6 of 6)" in capsys.readouterr().out
+    assert again.complete and again.saved_before == 6
+    assert again.stopwatch.iterations == straight.stopwatch.iterations
+    assert same_weights(again.G, straight.G) and same_weights(again.D, straight.D)
+    assert again.history.state_dict() == straight.history.state_dict()
+    stopped_again = run(tmp_path, vgg, stop_after=3)  # asking a finished run to stop changes nothing
+    assert stopped_again.complete and same_weights(stopped_again.G, straight.G)
+
+
 def test_the_resume_check_fails_when_resume_loses_the_random_state(tmp_path, vgg, straight, monkeypatch,
                                                                    one_thread):
     """The check above can fail: a resume that does not restore the RNG shuffles the data differently."""
@@ -253,7 +274,8 @@ def test_fast_path_is_chosen_from_the_device(monkeypatch):
         assert fast.amp_dtype == dtype and fast.cudnn_benchmark and fast.fused_adam and not fast.channels_last
         assert not fast.compile and FastPath.for_device(torch.device("cuda"), compile=True).compile
     assert fast.describe() == "fp32, cuDNN autotuning, fused Adam"
-    assert FastPath(amp_dtype=torch.float16, compile=True).describe() == "autocast float16, torch.compile (inductor)"
+    assert (FastPath(amp_dtype=torch.float16, compile=True).describe()
+            == "autocast float16 with a loss scaler (from 2**8), torch.compile (inductor)")
 
 
 def test_t4_emulation_gives_the_fp16_path_on_the_cpu(monkeypatch, capsys):
