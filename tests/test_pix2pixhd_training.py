@@ -181,11 +181,13 @@ def eager(vgg, one_thread):
     return first_step(vgg, FastPath())
 
 
-@pytest.mark.parametrize("fast", [FastPath(channels_last=True), FastPath(fused_adam=True),
+# (Fused Adam alone is not a case here: the gradients exist before Adam runs, so they could not differ. Its update
+# is compared with the plain one in test_fused_adam_update_equals_the_plain_one.)
+@pytest.mark.parametrize("fast", [FastPath(channels_last=True),
                                   FastPath(compile=True, compile_backend="aot_eager"),
                                   FastPath(channels_last=True, fused_adam=True, compile=True,
                                            compile_backend="aot_eager")],
-                         ids=["channels-last", "fused-adam", "compile", "all-but-amp"])
+                         ids=["channels-last", "compile", "all-but-amp"])
 def test_fast_path_step_gives_the_eager_losses_and_gradients(vgg, eager, fast, one_thread):
     losses, grads = first_step(vgg, fast)
     assert losses == pytest.approx(eager[0], rel=SUM_TERMS * FLOAT32_EPS)
@@ -242,8 +244,9 @@ def test_channels_last_instance_norm_gradient_is_wrong_at_batch_1_on_cpu():
             xi = x.clone().requires_grad_()
             torch.nn.functional.instance_norm(xi).backward(grad.contiguous(memory_format=layout))
             results.append(xi.grad)
-        errors[batch] = (results[0] - results[1]).abs().max().item()
-    assert errors[2] < 1e-5 and errors[1] > 1.0, errors
+        errors[batch] = ((results[0] - results[1]).abs().max() / results[0].abs().max()).item()
+    # relative to the largest gradient: rounding at batch 2 (64-term sums), a wrong gradient at batch 1
+    assert errors[2] < SUM_TERMS * FLOAT32_EPS and errors[1] > 0.1, errors
 
 
 def test_fused_adam_update_equals_the_plain_one(one_thread):
@@ -259,7 +262,8 @@ def test_fused_adam_update_equals_the_plain_one(one_thread):
                 p.grad = g.clone()
             opt.step()
         results.append(params)
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-7) for a, b in zip(*results))
+    # the same formula in another order: each of the 3 steps may round each weight differently by an ulp or two
+    assert all((a - b).abs().max() <= 8 * FLOAT32_EPS * b.abs().max() for a, b in zip(*results))
     assert not torch.equal(results[0][0], weights[0])
 
 
