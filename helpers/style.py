@@ -453,6 +453,15 @@ def optimisation_step(objective: StyleObjective, image: StylisedImage,
     return {name: value.detach() for name, value in losses.items()}
 
 
+def run_key(*tensors: Tensor, **settings) -> str:
+    """A short name for one stylisation run: a hash of its input tensors' values and of its settings, so that a
+    saved result is reused only by the same run."""
+    digest = hashlib.sha1(repr(sorted(settings.items())).encode())
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def evaluate(objective: StyleObjective, images: Tensor) -> dict[str, float]:
     """The objective's losses of each image of a batch, averaged, as floats."""
     with torch.no_grad():

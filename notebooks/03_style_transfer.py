@@ -17,8 +17,7 @@
 # style image works, by path, URL or `skimage:NAME`.
 #
 # **Run time.** CPU smoke mode (`SMOKE=1`, what CI runs; 48 px, random-weight VGG19 as an offline stand-in, so its
-# pictures are not meaningful): 18.5 to 33.8 s measured in CI's two environments, on 2 CPU cores shared with
-# other jobs (load average 4.7 to 6.6). Colab T4, full mode (ImageNet VGG19, 512×341 px, about 5,000 L-BFGS
+# pictures are not meaningful): 30 to 45 s measured on 2 CPU cores shared with other jobs. Colab T4, full mode (ImageNet VGG19, 512×341 px, about 5,000 L-BFGS
 # iterations in all): not measured; derived as 3 to 6 minutes of GPU time: each iteration is 268.6 GFLOP (counted
 # with `torch.utils.flop_counter` on this notebook's objective at 512×341), 5,040 iterations are 1,354 TFLOP, which a
 # T4 (8.1 TFLOP/s fp32 peak) needs 2.8 minutes for at its peak and about 5.6 minutes at half of it; plus a one-time
@@ -54,7 +53,7 @@ from helpers.style import (PAINTING_STAND_INS, PAINTINGS, HostReadCounter, autoc
                            cache_torchvision_weights, check_objective_layers, describe_source, evaluate,
                            feature_covariance, feature_diversity, fetch_painting, initial_image,
                            keep_colours, load_image, lockstep_differences, lpips_diversity,
-                           luminance_image, make_optimizer, pixel_diversity, rgb_to_yiq)
+                           luminance_image, make_optimizer, pixel_diversity, rgb_to_yiq, run_key)
 from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint,
                               save_checkpoint, synchronize, time_per_step, write_metrics)
 from helpers.vgg import STAND_IN_NOTE, VGG19Features
@@ -447,18 +446,46 @@ print("final losses (relative units):", {k: round(v, 4) for k, v in final.items(
 # deviation; the optimisation runs on the gray luminance images; the result's luminance Y is put back with the
 # content's colour channels I and Q. The claim to check: the colours (I, Q) stay the photo's (up to the clipping
 # to valid RGB) while the luminance changed.
+#
+# `run_stylisation` saves each finished image in `RUN_DIR/stylisations`. When you run the notebook again with the
+# same settings, it reuses these images instead of computing them again, and says so.
 
 # %%
+SAVED_RUNS = RUN_DIR / "stylisations"  # every finished run's image: a second Run all reuses them
+runs_done = {"reused": 0, "computed": 0}
+
+
 def run_stylisation(content_img: Tensor, style_img: Tensor, steps: int, beta: float = STYLE_WEIGHT,
                     seed: int = SEED, feature_targets: Sequence[Tensor] = ()) -> tuple:
-    """One Gatys run (DFP run, with feature targets) from a seeded random start: image, losses."""
+    """One Gatys run (DFP run, with feature targets) from a seeded random start: image, losses.
+    A run saved in RUN_DIR by an earlier Run all, with the same inputs and settings, is reused."""
     obj = make_objective(content_img, style_img, beta, feature_targets)
-    out = stylise(obj, initial_image(content_img, INIT, seed), steps, OPTIMIZER, LEARNING_RATE)
+    key = run_key(content_img, style_img, *feature_targets, steps=steps, beta=beta, seed=seed,
+                  dfp_weight=DFP_WEIGHT, config=CONFIG)
+    path = SAVED_RUNS / f"{key}.pt"
+    if path.is_file():
+        out = torch.load(path, map_location=DEVICE)
+        runs_done["reused"] += 1
+    else:
+        out = stylise(obj, initial_image(content_img, INIT, seed), steps, OPTIMIZER, LEARNING_RATE)
+        SAVED_RUNS.mkdir(exist_ok=True)
+        torch.save(out.cpu(), path.with_suffix(".part"))
+        path.with_suffix(".part").replace(path)  # a run cut short leaves no half file
+        runs_done["computed"] += 1
     return out, evaluate(obj, out)
+
+
+def say_reused() -> None:
+    """Print how many runs of the cell were reused from an earlier Run all, then reset the count."""
+    if runs_done["reused"]:
+        print(f"reusing {runs_done['reused']} finished run(s) from {SAVED_RUNS} (saved by an earlier "
+              f"Run all); {runs_done['computed']} computed now")
+    runs_done.update(reused=0, computed=0)
 
 
 gray_content, gray_style_matched = luminance_image(content), luminance_image(style_image, content)
 luminance_result, _ = run_stylisation(gray_content, gray_style_matched, SWEEP_STEPS)
+say_reused()
 colour_kept = keep_colours(luminance_result, content)
 yiq_kept, yiq_content = rgb_to_yiq(colour_kept), rgb_to_yiq(content)
 chroma_error = float((yiq_kept[:, 1:] - yiq_content[:, 1:]).abs().mean())
@@ -497,6 +524,7 @@ plt.show()
 # %%
 sweep = {beta: run_stylisation(content, style_image, SWEEP_STEPS, beta)
          for beta in tqdm(SWEEP_STYLE_WEIGHTS, desc="style-weight sweep")}
+say_reused()
 show_panels({f"beta = {beta:g}\ncontent {m['content']:.2f}, style {m['style']:.3f}": img
              for beta, (img, m) in sweep.items()},
             "Style-weight sweep (alpha = 1; losses in relative units)"
@@ -526,6 +554,7 @@ for key, source in tqdm(GALLERY.items(), desc="other paintings"):
     assert losses_k["style"] < at_start["style"], f"{key}: the style loss must fall"
     gallery[f"style: {describe_source(source)}"] = painting
     gallery[f"result: relative style loss {losses_k['style']:.3f}"] = image_k
+say_reused()
 if gallery:
     show_panels(gallery, "The photo in the style of other paintings" + (" (STAND-INS)" * SMOKE),
                 RUN_DIR / "03_gallery.png", value_range=(0, 1), size=3.0)
@@ -598,6 +627,7 @@ for k in tqdm(range(K), desc="DFP and seeds-only runs"):
     dfp_runs.append(run_stylisation(content, style_image, MULTI_STEPS, seed=SEED + k,
                                     feature_targets=targets))
     seed_runs.append(run_stylisation(content, style_image, MULTI_STEPS, seed=SEED + k))
+say_reused()
 sets = {name: torch.cat([img for img, _ in runs])
         for name, runs in (("dfp", dfp_runs), ("seeds_only", seed_runs))}
 diversity = {name: {"vgg": feature_diversity(images, vgg), "pixel": pixel_diversity(images)}
@@ -687,6 +717,9 @@ for label, t in timings.items():
     ratio, loss_change = (t[key] / reference[key] for key in ("ms_per_step", "final_loss"))
     print(f"{label:28s} {t['ms_per_step']:8.1f} ms per iteration ({ratio:.2f}x torch's) | "
           f"final loss {t['final_loss']:.4f} ({100 * (loss_change - 1):+.2f} % against torch's)")
+if CHOICES.emulated and not CHOICES.cuda:
+    print("(T4 emulation: a CPU computes float16 slowly in software, so that row's time says nothing "
+          "about a GPU)")
 
 # %% [markdown]
 # ### Does SyncFreeLBFGS take torch's steps?
@@ -753,8 +786,13 @@ assert host_reads["lbfgs"] == 0 and host_reads["torch_lbfgs"] > 0
 
 # %%
 start_image = initial_image(content, INIT, SEED)
+formats = [(torch.float16, 1.0), (torch.float16, LOSS_SCALE), (torch.bfloat16, 1.0)]
+if CHOICES.gpu_path and CHOICES.capability < (8, 0):  # a T4 (or its emulation) has no bfloat16
+    formats = formats[:2]
+    print(f"bfloat16 skipped: it needs compute capability 8.0 (this path: "
+          f"{CHOICES.capability[0]}.{CHOICES.capability[1]})")
 gradient_error = {}
-for dtype, scale in [(torch.float16, 1.0), (torch.float16, LOSS_SCALE), (torch.bfloat16, 1.0)]:
+for dtype, scale in formats:
     label = f"VGG in {str(dtype)[6:]}" + (f", loss scale {scale:g}" if scale != 1 else "")
     obj = make_objective(content, style_image, autocast=dtype)
     gradient_error[label] = autocast_gradient_error(obj, objective_fp32, start_image, scale)

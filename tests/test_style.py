@@ -496,6 +496,17 @@ def test_optimisation_step_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode(0)
 
 
+def test_run_key_changes_with_any_input_value_or_setting():
+    content, style_image = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    key = style.run_key(content, style_image, steps=5, beta=400.0)
+    assert style.run_key(content.clone(), style_image.clone(), beta=400.0, steps=5) == key
+    nudged = content.clone()
+    nudged[0, 0, 0, 0] += 1e-3
+    assert style.run_key(nudged, style_image, steps=5, beta=400.0) != key
+    assert style.run_key(content, style_image, steps=6, beta=400.0) != key
+    assert style.run_key(content, style_image, steps=5, beta=40.0) != key
+
+
 # --- DFP ------------------------------------------------------------------------------------------------------------
 
 
