@@ -17,9 +17,10 @@
 # style image works, by path, URL or `skimage:NAME`.
 #
 # **Run time.** CPU smoke mode (`SMOKE=1`, what CI runs; 48 px, random-weight VGG19 as an offline stand-in, so its
-# pictures are not meaningful): 30 to 45 s measured on 2 CPU cores shared with other jobs. Colab T4, full mode (ImageNet VGG19, 512×341 px, about 5,000 L-BFGS
-# iterations in all): not measured; derived as 3 to 6 minutes of GPU time: each iteration is 268.6 GFLOP (counted
-# with `torch.utils.flop_counter` on this notebook's objective at 512×341), 5,040 iterations are 1,354 TFLOP, which a
+# pictures are not meaningful): 25 to 45 s measured on 2 CPU cores shared with other jobs. Colab T4, full
+# mode (ImageNet VGG19, 512×341 px, about 5,000 L-BFGS iterations in all): not measured; derived as 3 to 6
+# minutes of GPU time: each iteration is 268.6 GFLOP (counted with `torch.utils.flop_counter` on this
+# notebook's objective at 512×341), 5,040 iterations are 1,354 TFLOP, which a
 # T4 (8.1 TFLOP/s fp32 peak) needs 2.8 minutes for at its peak and about 5.6 minutes at half of it; plus a one-time
 # download of VGG19 (548 MB) and AlexNet for LPIPS (233 MB). Section 10 times the optimiser on your runtime.
 
@@ -478,8 +479,8 @@ def run_stylisation(content_img: Tensor, style_img: Tensor, steps: int, beta: fl
 def say_reused() -> None:
     """Print how many runs of the cell were reused from an earlier Run all, then reset the count."""
     if runs_done["reused"]:
-        print(f"reusing {runs_done['reused']} finished run(s) from {SAVED_RUNS} (saved by an earlier "
-              f"Run all); {runs_done['computed']} computed now")
+        print(f"reusing {runs_done['reused']} finished run(s) saved in {SAVED_RUNS} (same inputs and "
+              f"settings, by an earlier Run all or an earlier cell); {runs_done['computed']} computed now")
     runs_done.update(reused=0, computed=0)
 
 

@@ -7,10 +7,11 @@ read with .item() in the closure. It computes the notebook's objective (the pape
 so that the final losses compare. Rows after it: the notebook's optimisation_step with torch.optim.LBFGS, with
 SyncFreeLBFGS, and on CUDA also channels-last + cuDNN autotuning and VGG in bf16 (fp16 where the GPU has no bf16)
 autocast (with the gradient's error against float32 at the start: no loss scaling, which would not reduce it,
-since it comes from rounding). Every row runs the same iterations from the same white-noise start; its final loss is evaluated in float32 by
-the notebook's objective. GPU: the full-mode size (512 px on the long side; chelsea is 512x341), 300 timed iterations
-after 20. CPU (reduced): 128 px, 20 after 10. ImageNet weights when torchvision has them cached, else random weights
-(the timings hold; the losses are those of a random network, and the table says so).
+since it comes from rounding). Every row runs the same iterations from the same white-noise start; its final
+loss is evaluated in float32 by the notebook's objective. GPU: the full-mode size (512 px on the long side; chelsea
+is 512x341), 300 timed iterations after 20. CPU (reduced): 128 px, 20 after 10. ImageNet weights when
+torchvision has them cached, else random weights (the timings hold; the losses are those of a random network,
+and the table says so).
 """
 from __future__ import annotations
 
