@@ -728,6 +728,11 @@ def same_caption_pixel_distance(data: CaptionedImageSet | FlowersWithCaptions, n
     return (data.image_batch(idx) - data.image_batch(mates)).abs().mean().item()
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """torch.autocast on `device` in `amp_dtype`; switched off when `amp_dtype` is None (float32)."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
 def auxiliary_class_loss(D: Discriminator, features: Tensor, labels: Tensor) -> Tensor:
     """TAC-GAN's term: cross-entropy of D's class heads on image features (B, C, 4, 4) against the
     labels (B, K), summed over the K heads."""
@@ -739,16 +744,18 @@ def auxiliary_class_loss(D: Discriminator, features: Tensor, labels: Tensor) -> 
 def gan_cls_discriminator_step(D: Discriminator, opt_d: torch.optim.Optimizer,
                                scaler: torch.amp.GradScaler, images: Tensor, fake: Tensor,
                                h: Tensor, h_wrong: Tensor, labels: Tensor,
-                               recipe: TextToImageRecipe) -> dict[str, Tensor]:
+                               recipe: TextToImageRecipe,
+                               amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """GAN-CLS: (real image, right text) -> real; (real, wrong text) and (fake, right text) -> fake;
-    with recipe.auxiliary, D's class heads also learn the labels of the real images."""
-    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+    with recipe.auxiliary, D's class heads also learn the labels of the real images. `amp_dtype`:
+    the autocast dtype (float16 on a T4, with an enabled `scaler`; None: float32)."""
+    with autocast(images.device, amp_dtype):
         s_r, real_features = D(images, h)
         s_w, _ = D(images, h_wrong)
         s_f, _ = D(fake.detach(), h)
-    loss = gan_cls_discriminator_loss(s_r.float(), s_w.float(), s_f.float())
-    if recipe.auxiliary:
-        loss = loss + recipe.auxiliary * auxiliary_class_loss(D, real_features, labels)
+        loss = gan_cls_discriminator_loss(s_r.float(), s_w.float(), s_f.float())
+        if recipe.auxiliary:  # inside autocast: the heads read the features in their dtype
+            loss = loss + recipe.auxiliary * auxiliary_class_loss(D, real_features, labels)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt_d)
@@ -760,9 +767,10 @@ def gan_cls_discriminator_step(D: Discriminator, opt_d: torch.optim.Optimizer,
 def gan_cls_generator_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
                            scaler: torch.amp.GradScaler, images: Tensor, z: Tensor, fake: Tensor,
                            h: Tensor, labels: Tensor,
-                           recipe: TextToImageRecipe) -> dict[str, Tensor]:
+                           recipe: TextToImageRecipe,
+                           amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """GAN-CLS generator loss against D after its step, plus the weighted terms of `recipe`."""
-    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+    with autocast(images.device, amp_dtype):
         s_f, fake_features = D(fake, h)
         terms = {"gan": gan_cls_generator_loss(s_f.float())}
         if recipe.gan_int:
@@ -793,16 +801,17 @@ def gan_cls_generator_step(G: Generator, D: Discriminator, opt_g: torch.optim.Op
 def gan_cls_train_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
                        opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: Tensor,
                        h: Tensor, h_wrong: Tensor, labels: Tensor,
-                       recipe: TextToImageRecipe) -> dict[str, Tensor]:
+                       recipe: TextToImageRecipe,
+                       amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """One iteration: fakes from fresh noise (D.pack per caption), a discriminator step, then a
-    generator step."""
+    generator step; under autocast in `amp_dtype` if one is given."""
     z = torch.randn(len(images) * D.pack, G.z_dim, device=images.device)
-    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+    with autocast(images.device, amp_dtype):
         fake = packed(G(z, h.repeat(D.pack, 1)), D.pack)
     scalars = gan_cls_discriminator_step(D, opt_d, scaler, images, fake, h, h_wrong, labels,
-                                         recipe)
+                                         recipe, amp_dtype)
     scalars.update(gan_cls_generator_step(G, D, opt_g, scaler, images, z, fake, h, labels,
-                                          recipe))
+                                          recipe, amp_dtype))
     scaler.update()
     return scalars
 
@@ -841,10 +850,11 @@ class TextToImageRun:
 
 def train_text_to_image(state: dict, batch_at: Callable[[int], tuple[Tensor, ...]],
                         recipe: TextToImageRecipe, schedule: TextToImageSchedule, checkpoint: Path,
-                        config: dict, fixed: tuple[Tensor, Tensor]) -> TextToImageRun:
+                        config: dict, fixed: tuple[Tensor, Tensor],
+                        amp_dtype: torch.dtype | None = None) -> TextToImageRun:
     """Train to schedule.iterations, first resuming from `checkpoint` if it exists. `state`
     holds G, D, opt_g, opt_d, scaler, run; batch_at(i) is iteration i's (images, h, h_wrong,
-    labels)."""
+    labels); `amp_dtype`: the steps' autocast dtype (None: float32)."""
     G, D, run = state["G"], state["D"], state["run"]
     if checkpoint.exists():
         load_checkpoint(checkpoint, state, config)
@@ -857,7 +867,7 @@ def train_text_to_image(state: dict, batch_at: Callable[[int], tuple[Tensor, ...
         images, h, h_wrong, labels = batch_at(step)
         with run.stopwatch:
             scalars = gan_cls_train_step(G, D, state["opt_g"], state["opt_d"], state["scaler"],
-                                         images, h, h_wrong, labels, recipe)
+                                         images, h, h_wrong, labels, recipe, amp_dtype)
         run.stopwatch.count(1, len(images))
         run.history.log(step, **scalars)
         run.step = step

@@ -44,14 +44,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from helpers.environment import (data_dir, describe_device, in_colab, pick_device, run_dir,
-                                 seed_everything, smoke_mode, use_drive_for_runs)
+from helpers.environment import (data_dir, describe_device, gpu_choices, in_colab, pick_device,
+                                 run_dir, seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.metrics import clip_score
 from helpers.plotting import plot_losses, save_figure, show_over_iterations, show_rows
 from helpers.sd_lora import TINY_MODEL_ID, load_clip
 from helpers.text2image import (
     ATTRIBUTES, DEFAULT_ENCODER, LOCAL_ENCODER_ENV, TEMPLATES, EmbeddingCache,
-    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, caption_accuracy,
+    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, autocast, caption_accuracy,
     dcgan_init, derangement, describe, download_flowers_captions, feature_map_widths,
     flowers_class_split, generate, images_per_caption, load_flowers_captions, make_shapes,
     mean_and_spread, real_images_per_combination, sample_batch,
@@ -120,11 +120,16 @@ use_drive_for_runs(RUN_DIR_ON_DRIVE)            # mounts Drive and sets $RUN_DIR
 seed_everything(SEED)
 DEVICE = pick_device()
 RUN_DIR = run_dir(NOTEBOOK)
-USE_AMP = DEVICE.type == "cuda"                 # float16 autocast + GradScaler (a T4 has no bf16)
-torch.backends.cudnn.benchmark = DEVICE.type == "cuda"
+CHOICES = gpu_choices(DEVICE)                   # the GPU path: autocast dtype, GradScaler, channels-last
+AMP_DTYPE = CHOICES.amp_dtype                   # float16 on a T4 (with a GradScaler), bfloat16 from A100
+MEMORY_FORMAT = torch.channels_last if CHOICES.channels_last else torch.contiguous_format
+torch.backends.cudnn.benchmark = CHOICES.cuda   # let cuDNN time its convolution kernels once
+if CHOICES.emulated and not CHOICES.cuda:
+    CHOICES.skip("cuDNN autotuning (torch.backends.cudnn.benchmark)", "the CPU's own convolution kernels")
 STAND_INS = []
 print(f"mode: {'smoke' if SMOKE else 'full'} | dataset: {DATASET} | recipe: {RECIPE} | "
       f"device: {describe_device(DEVICE)} | run dir: {RUN_DIR}")
+print(f"speed and precision: {CHOICES.describe()}")
 if DEVICE.type == "cpu":
     print("no GPU: training on the CPU" + ("" if DATASET == "shapes" else
           " (flowers at the paper's size is meant for a GPU; T2I_DATASET=shapes is the CPU run)"))
@@ -329,8 +334,7 @@ def build_models() -> tuple[Generator, Discriminator]:
                       projection=options.get("projection", False),
                       n_classes=train_data.class_counts if options.get("auxiliary") else (),
                       pack=PACK)
-    memory_format = torch.channels_last if DEVICE.type == "cuda" else torch.contiguous_format
-    return g.to(DEVICE, memory_format=memory_format), d.to(DEVICE, memory_format=memory_format)
+    return g.to(DEVICE, memory_format=MEMORY_FORMAT), d.to(DEVICE, memory_format=MEMORY_FORMAT)
 
 
 G, D = build_models()
@@ -435,17 +439,19 @@ if in_colab():
 def training_state() -> dict:
     """Fresh models, optimisers, GradScaler and run record: what a checkpoint holds."""
     g, d = build_models()
-    return {"G": g, "D": d, "opt_g": torch.optim.Adam(g.parameters(), LR, betas=BETAS),
-            "opt_d": torch.optim.Adam(d.parameters(), LR, betas=BETAS),
-            "scaler": torch.amp.GradScaler(DEVICE.type, enabled=USE_AMP),
+    fused = CHOICES.fused_adam                  # Adam's update as one kernel on the GPU path
+    return {"G": g, "D": d, "opt_g": torch.optim.Adam(g.parameters(), LR, betas=BETAS, fused=fused),
+            "opt_d": torch.optim.Adam(d.parameters(), LR, betas=BETAS, fused=fused),
+            "scaler": CHOICES.grad_scaler(),   # enabled with float16 autocast (a T4), else off
             "run": TextToImageRun(History(RUN_DIR / "tensorboard"))}
 
 
 schedule, halfway = (TextToImageSchedule(n, LR, LR_HALVING_EVERY, SNAPSHOT_EVERY, CHECKPOINT_EVERY)
                      for n in (ITERATIONS, ITERATIONS // 2))
-train_text_to_image(training_state(), batch_at, recipe, halfway, CHECKPOINT, CONFIG, fixed)  # stop
+train_text_to_image(training_state(), batch_at, recipe, halfway, CHECKPOINT, CONFIG, fixed,
+                    AMP_DTYPE)                                           # stops halfway
 state = training_state()                                                 # a fresh session resumes
-run = train_text_to_image(state, batch_at, recipe, schedule, CHECKPOINT, CONFIG, fixed)
+run = train_text_to_image(state, batch_at, recipe, schedule, CHECKPOINT, CONFIG, fixed, AMP_DTYPE)
 G, D = state["G"], state["D"]
 steps, _ = run.history.series("loss/D")
 assert steps == list(range(1, ITERATIONS + 1)), "resume must continue, not restart"

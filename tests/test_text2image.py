@@ -562,3 +562,39 @@ def test_packed_stacks_the_chunks_on_channels_and_d_reads_packs():
     d = t2i.Discriminator(8, projected_dim=4, ndf=4, image_size=16, pack=2)
     logits, features = d(pack, torch.randn(2, 8))
     assert logits.shape == (2,) and features.shape == (2, 8, 4, 4)
+
+
+def amp_step(amp_dtype, scaler):
+    """One iteration with every term but mode seeking (whose 1 / distance overflows float16's gradients on these
+    16-px images: the scaler would skip the step) from fixed weights and noise; D and G step by SGD, whose
+    update is the learning rate times the gradient, so an unscaled gradient would show in the update."""
+    g, d = tiny_models(cbn=True, projection=True, n_classes=(3, 2))
+    opt_g, opt_d = torch.optim.SGD(g.parameters(), lr=0.1), torch.optim.SGD(d.parameters(), lr=0.1)
+    before = {**{f"G.{k}": v.clone() for k, v in g.state_dict().items()},
+              **{f"D.{k}": v.clone() for k, v in d.state_dict().items()}}
+    recipe = t2i.TextToImageRecipe(gan_int=1, feature_matching=1, l1=1, auxiliary=1)  # mode seeking: see below
+    torch.manual_seed(1)
+    scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, *step_inputs(), recipe, amp_dtype)
+    after = {**{f"G.{k}": v for k, v in g.state_dict().items()}, **{f"D.{k}": v for k, v in d.state_dict().items()}}
+    updates = {k: after[k] - before[k] for k in before if before[k].is_floating_point() and "running" not in k}
+    return scalars, updates
+
+
+def test_train_step_under_float16_autocast_with_an_enabled_grad_scaler_matches_float32():
+    """Issue 15.1: a T4's path (float16 autocast, an enabled GradScaler) on the CPU. Before the fix the
+    discriminator's label-head term ran after autocast had closed (RuntimeError: mat1 and mat2 must have the
+    same dtype, but got Half and Float). Every loss must equal the float32 step's within float16 rounding, and
+    so must each network's update (as one vector; float16 rounding grows through the layers of the backward pass,
+    measured 15 eps for D and 57 eps for G): the scaler unscales the gradients (updates 2**10 times too large
+    otherwise)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=True)
+    half, half_updates = amp_step(torch.float16, scaler)
+    full, full_updates = amp_step(None, torch.amp.GradScaler("cpu", enabled=False))
+    assert scaler.get_scale() == 2.0**10                  # no inf or NaN gradient: the step was taken
+    eps = torch.finfo(torch.float16).eps
+    for name, value in full.items():
+        assert abs(half[name].item() - value.item()) <= 8 * eps * max(1.0, abs(value.item())), name
+    for net, bound in (("D", 64), ("G", 192)):  # G's gradient passes through D's float16 backward as well
+        half_update, full_update = (torch.cat([v.flatten() for k, v in u.items() if k.startswith(net)])
+                                    for u in (half_updates, full_updates))
+        assert (half_update - full_update).norm() <= bound * eps * full_update.norm(), net
