@@ -334,32 +334,48 @@ def step_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
             torch.randn(8, 8, generator=g), torch.stack([torch.arange(8) % 3, torch.arange(8) % 2], 1))
 
 
-def test_feature_matching_uses_the_discriminator_after_its_step():
+# every step and loop test runs twice: float32 as on a CPU, and a T4's path (float16 autocast with an enabled
+# GradScaler, as EMULATE_T4=1 runs it on the CPU)
+AMP = [pytest.param(None, id="float32"), pytest.param(torch.float16, id="float16-autocast-grad-scaler")]
+
+
+def scaler_for(amp_dtype, init_scale: float = 2.0**8) -> torch.amp.GradScaler:
+    """The GradScaler that goes with `amp_dtype`: enabled for float16 (a small first scale, so that these tiny
+    networks' first step is not skipped for an overflow), off for float32."""
+    return torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=amp_dtype == torch.float16)
+
+
+@pytest.mark.parametrize("amp_dtype", AMP)
+def test_feature_matching_uses_the_discriminator_after_its_step(amp_dtype):
     """Issue 10.4: the real features of the feature-matching term come from the same D as the fake ones."""
     g, d = tiny_models()
     opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.SGD(d.parameters(), lr=0.5)
     images, h, h_wrong, labels = step_inputs()
     g_before, d_before = copy.deepcopy(g), copy.deepcopy(d)
-    scaler, recipe = torch.amp.GradScaler("cpu", enabled=False), t2i.TextToImageRecipe(gan_int=0, feature_matching=1)
+    scaler, recipe = scaler_for(amp_dtype), t2i.TextToImageRecipe(gan_int=0, feature_matching=1)
     torch.manual_seed(1)
-    scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, images, h, h_wrong, labels, recipe)
+    scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, images, h, h_wrong, labels, recipe, amp_dtype)
+    assert scaler.get_scale() == (2.0**8 if amp_dtype else 1.0)   # the step was taken (no overflow)
     torch.manual_seed(1)
-    fake = g_before(torch.randn(8, 4), h)           # the step's fakes: its first draw, G before its own step
-    with torch.no_grad():
-        fake_features = d(fake, h)[1]
-        same_d = feature_matching_mse(fake_features, d(images, h)[1]).item()
-        stale = feature_matching_mse(fake_features, d_before(images, h)[1]).item()
-    assert abs(same_d - stale) > 1e-3               # the test can tell the two apart
-    assert scalars["loss/G_fm"].item() == pytest.approx(same_d, rel=1e-4)
+    with torch.no_grad(), t2i.autocast(images.device, amp_dtype):
+        fake = g_before(torch.randn(8, 4), h)       # the step's fakes: its first draw, G before its own step
+        fake_features = d(fake, h)[1].float()
+        same_d = feature_matching_mse(fake_features, d(images, h)[1].float()).item()
+        stale = feature_matching_mse(fake_features, d_before(images, h)[1].float()).item()
+    bound = 8 * torch.finfo(amp_dtype or torch.float32).eps * same_d
+    assert abs(same_d - stale) > 4 * bound          # the test can tell the two apart
+    assert abs(scalars["loss/G_fm"].item() - same_d) <= bound
 
 
-def test_train_step_moves_both_networks_and_logs_every_term():
+@pytest.mark.parametrize("amp_dtype", AMP)
+def test_train_step_moves_both_networks_and_logs_every_term(amp_dtype):
     g, d = tiny_models(cbn=True, projection=True, n_classes=(3, 2))
     g0, d0 = copy.deepcopy(g.state_dict()), copy.deepcopy(d.state_dict())
     opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
     recipe = t2i.TextToImageRecipe(gan_int=1, feature_matching=1, l1=1, mode_seeking=1, auxiliary=1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, *step_inputs(), recipe)
+    scaler = scaler_for(amp_dtype, init_scale=2.0**4)   # mode seeking's large gradients overflow at 2**8
+    scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, *step_inputs(), recipe, amp_dtype)
+    assert scaler.get_scale() == (2.0**4 if amp_dtype else 1.0)   # the step was taken (no overflow)
     assert {"loss/D", "loss/G", "loss/G_gan", "loss/G_int", "loss/G_fm", "loss/G_l1", "loss/G_ms", "loss/G_aux",
             "D/real_right", "D/real_wrong", "D/fake"} <= set(scalars)
     parts = sum(scalars[f"loss/G_{k}"] for k in ("gan", "int", "fm", "l1", "ms", "aux"))
@@ -368,14 +384,15 @@ def test_train_step_moves_both_networks_and_logs_every_term():
     assert not torch.equal(d.state_dict()["score.weight"], d0["score.weight"])
 
 
-def fit_state(seed: int = 0) -> dict:
+def fit_state(seed: int = 0, amp_dtype=None) -> dict:
     g, d = tiny_models(seed, cbn=True)
     return {"G": g, "D": d, "opt_g": torch.optim.Adam(g.parameters(), 1e-3),
-            "opt_d": torch.optim.Adam(d.parameters(), 1e-3), "scaler": torch.amp.GradScaler("cpu", enabled=False),
+            "opt_d": torch.optim.Adam(d.parameters(), 1e-3), "scaler": scaler_for(amp_dtype),
             "run": t2i.TextToImageRun(History())}
 
 
-def test_fit_stopped_and_resumed_equals_a_straight_run(tmp_path, capsys):
+@pytest.mark.parametrize("amp_dtype", AMP)
+def test_fit_stopped_and_resumed_equals_a_straight_run(tmp_path, capsys, amp_dtype):
     data = t2i.make_shapes(24, t2i.all_combinations(), image_size=16, seed=0, captions_per_image=2)
     table = torch.randn(len(data.captions), 8, generator=torch.Generator().manual_seed(0))
 
@@ -385,20 +402,26 @@ def test_fit_stopped_and_resumed_equals_a_straight_run(tmp_path, capsys):
 
     fixed, recipe, config = (torch.randn(2, 4), table[:2]), t2i.TextToImageRecipe(mode_seeking=1), {"width": 4}
     schedule = t2i.TextToImageSchedule(4, checkpoint_every=2, log_every=3)
-    straight = t2i.train_text_to_image(fit_state(), batch_at, recipe, schedule, tmp_path / "a.pt", config, fixed)
-    t2i.train_text_to_image(fit_state(), batch_at, recipe, t2i.TextToImageSchedule(2, log_every=3), tmp_path / "b.pt",
-                            config, fixed)
-    resumed_state = fit_state(seed=1)                 # a fresh session: other initial weights, then the checkpoint
+    straight_state = fit_state(0, amp_dtype)
+    straight = t2i.train_text_to_image(straight_state, batch_at, recipe, schedule, tmp_path / "a.pt", config, fixed,
+                                       amp_dtype)
+    straight_scale = straight_state["scaler"].get_scale()
+    t2i.train_text_to_image(fit_state(0, amp_dtype), batch_at, recipe, t2i.TextToImageSchedule(2, log_every=3),
+                            tmp_path / "b.pt", config, fixed, amp_dtype)
+    resumed_state = fit_state(1, amp_dtype)   # a fresh session: other initial weights and scale, then the checkpoint
+    resumed_state["scaler"] = scaler_for(amp_dtype, init_scale=2.0**12)
     resumed = t2i.train_text_to_image(resumed_state, batch_at, recipe, t2i.TextToImageSchedule(4, log_every=3),
-                                      tmp_path / "b.pt", config, fixed)
+                                      tmp_path / "b.pt", config, fixed, amp_dtype)
     assert resumed.step == straight.step == 4 and sorted(resumed.snapshots) == [2, 4]   # 2: where it stopped
     # windows of 3 close at the checkpoint (2), at 3 and at the end (4), stopped and resumed alike
     assert resumed.history.series("loss/G") == straight.history.series("loss/G")
     assert straight.history.series("loss/G")[0] == [2, 3, 4]
     assert torch.equal(resumed.snapshots[4], straight.snapshots[4])
     assert resumed.stopwatch.iterations == 4
-    again = t2i.train_text_to_image(fit_state(seed=2), batch_at, recipe, t2i.TextToImageSchedule(4, log_every=3),
-                                    tmp_path / "b.pt", config, fixed)   # a second Run all: nothing to train
+    assert resumed_state["scaler"].get_scale() == straight_scale   # the GradScaler's state came back as well
+    again = t2i.train_text_to_image(fit_state(2, amp_dtype), batch_at, recipe,   # a second Run all: nothing to train
+                                    t2i.TextToImageSchedule(4, log_every=3), tmp_path / "b.pt", config, fixed,
+                                    amp_dtype)
     assert again.history.series("loss/G") == straight.history.series("loss/G")
     printed = capsys.readouterr().out
     assert "resuming from" in printed and "at iteration 2" in printed
