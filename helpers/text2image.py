@@ -870,7 +870,7 @@ def gan_cls_train_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimi
 
 @dataclass
 class TextToImageSchedule:
-    """How long the loop runs; when it halves the learning rate, logs, keeps samples, checkpoints."""
+    """How long the loop runs; when it halves the learning rate, logs, keeps samples, saves."""
 
     iterations: int
     lr: float = 2e-4
@@ -880,8 +880,8 @@ class TextToImageSchedule:
     log_every: int = 1  # History gets the mean of each window of log_every iterations
 
     def logs_at(self, step: int) -> bool:
-        """True where the window of logged means closes: every log_every iterations, at a checkpoint (so a
-        resumed run logs what a straight one does) and at the end."""
+        """True where a window of logged means closes: every log_every iterations, at a checkpoint
+        (so a resumed run logs what a straight one does) and at the end."""
         return (step % self.log_every == 0 or step % self.checkpoint_every == 0
                 or step == self.iterations)
 
@@ -913,19 +913,14 @@ def train_text_to_image(state: dict, batch_at: Callable[[int], tuple[Tensor, ...
                         amp_dtype: torch.dtype | None = None) -> TextToImageRun:
     """Train to schedule.iterations, first resuming from `checkpoint` if it exists. `state`
     holds G, D, opt_g, opt_d, scaler, run; batch_at(i) is iteration i's (images, h, h_wrong,
-    labels); `amp_dtype`: the steps' autocast dtype (None: float32). The losses stay on the device
-    and are summed; History gets their mean over each window of schedule.log_every iterations (reading
-    a value from a GPU makes the CPU wait for it, so this happens once per window, not ~10 times a step)."""
+    labels); `amp_dtype`: the steps' autocast dtype (None: float32). History gets the losses' mean
+    over each window of schedule.log_every iterations, read from the device once per window."""
     G, D, run = state["G"], state["D"], state["run"]
     if checkpoint.exists():
         load_checkpoint(checkpoint, state, config)
-        if run.step >= schedule.iterations:
-            print(f"reusing the finished run in {checkpoint} ({run.step:,} iterations; delete the file "
-                  "to train again)")
-        else:
-            print(f"resuming from {checkpoint} at iteration {run.step:,}")
-    sums: dict[str, Tensor] = {}
-    window = 0
+        print(f"reusing the finished run in {checkpoint} ({run.step:,} iterations)"
+              if run.step >= schedule.iterations else f"resuming from {checkpoint} at {run.step:,}")
+    window: list[dict[str, Tensor]] = []  # this window's losses, still on the device
     for step in tqdm(range(run.step + 1, schedule.iterations + 1), "training", initial=run.step,
                      total=schedule.iterations):
         lr = schedule.lr * 0.5 ** ((step - 1) // schedule.lr_halving_every)
@@ -935,12 +930,11 @@ def train_text_to_image(state: dict, batch_at: Callable[[int], tuple[Tensor, ...
         with run.stopwatch:  # the wait for the device at a logged step counts as training time
             scalars = gan_cls_train_step(G, D, state["opt_g"], state["opt_d"], state["scaler"],
                                          images, h, h_wrong, labels, recipe, amp_dtype)
-            for name, value in scalars.items():
-                sums[name] = sums[name] + value if name in sums else value.clone()
-            window += 1
-            if schedule.logs_at(step):
-                run.history.log(step, **{name: total / window for name, total in sums.items()})
-                sums, window = {}, 0
+            window.append(scalars)
+            if schedule.logs_at(step):  # the one read from the device in this window
+                run.history.log(step, **{k: torch.stack([s[k] for s in window]).mean()
+                                         for k in scalars})
+                window = []
         run.stopwatch.count(1, len(images))
         run.step = step
         if step % schedule.snapshot_every == 0 or step == schedule.iterations:

@@ -51,7 +51,8 @@ from helpers.plotting import plot_losses, save_figure, show_over_iterations, sho
 from helpers.sd_lora import TINY_MODEL_ID, load_clip
 from helpers.text2image import (
     ATTRIBUTES, DEFAULT_ENCODER, LOCAL_ENCODER_ENV, TEMPLATES, EmbeddingCache,
-    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, autocast, caption_accuracy,
+    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, autocast,
+    caption_accuracy,
     dcgan_init, derangement, describe, download_flowers_captions, feature_map_widths,
     flowers_class_split, generate, images_per_caption, load_flowers_captions, make_shapes,
     mean_and_spread, real_images_per_combination, sample_batch,
@@ -121,12 +122,13 @@ use_drive_for_runs(RUN_DIR_ON_DRIVE)            # mounts Drive and sets $RUN_DIR
 seed_everything(SEED)
 DEVICE = pick_device()
 RUN_DIR = run_dir(NOTEBOOK)
-CHOICES = gpu_choices(DEVICE)                   # the GPU path: autocast dtype, GradScaler, channels-last
-AMP_DTYPE = CHOICES.amp_dtype                   # float16 on a T4 (with a GradScaler), bfloat16 from A100
+CHOICES = gpu_choices(DEVICE)                   # GPU path: autocast, GradScaler, channels-last
+AMP_DTYPE = CHOICES.amp_dtype                   # float16 on a T4 (+ GradScaler), bfloat16 from A100
 MEMORY_FORMAT = torch.channels_last if CHOICES.channels_last else torch.contiguous_format
 torch.backends.cudnn.benchmark = CHOICES.cuda   # let cuDNN time its convolution kernels once
 if CHOICES.emulated and not CHOICES.cuda:
-    CHOICES.skip("cuDNN autotuning (torch.backends.cudnn.benchmark)", "the CPU's own convolution kernels")
+    CHOICES.skip("cuDNN autotuning (torch.backends.cudnn.benchmark)",
+                 "the CPU's own convolution kernels")
 STAND_INS = []
 print(f"mode: {'smoke' if SMOKE else 'full'} | dataset: {DATASET} | recipe: {RECIPE} | "
       f"device: {describe_device(DEVICE)} | run dir: {RUN_DIR}")

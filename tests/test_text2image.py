@@ -424,7 +424,7 @@ def test_fit_stopped_and_resumed_equals_a_straight_run(tmp_path, capsys, amp_dty
                                     amp_dtype)
     assert again.history.series("loss/G") == straight.history.series("loss/G")
     printed = capsys.readouterr().out
-    assert "resuming from" in printed and "at iteration 2" in printed
+    assert f"resuming from {tmp_path / 'b.pt'} at 2" in printed
     assert f"reusing the finished run in {tmp_path / 'b.pt'} (4 iterations" in printed
 
 
