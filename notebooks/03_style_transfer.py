@@ -47,11 +47,12 @@ from torchvision.models import AlexNet_Weights, VGG19_Weights
 from tqdm.auto import tqdm
 
 from helpers.downloads import DownloadError
-from helpers.environment import (data_dir, describe_device, gpu_choices, in_colab, pick_device, run_dir,
-                                 seed_everything, smoke_mode, use_drive_for_runs)
+from helpers.environment import (data_dir, describe_device, gpu_choices, in_colab, pick_device,
+                                 run_dir, seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.plotting import save_figure, show_image_table, show_panels
-from helpers.style import (PAINTING_STAND_INS, PAINTINGS, HostReadCounter, autocast_gradient_error,
-                           cache_torchvision_weights, check_objective_layers, describe_source, evaluate,
+from helpers.style import (PAINTING_STAND_INS, PAINTINGS, HostReadCounter,
+                           autocast_gradient_error, cache_torchvision_weights,
+                           check_objective_layers, describe_source, evaluate,
                            feature_covariance, feature_diversity, fetch_painting, initial_image,
                            keep_colours, load_image, lockstep_differences, lpips_diversity,
                            luminance_image, make_optimizer, pixel_diversity, rgb_to_yiq, run_key)
@@ -65,7 +66,7 @@ RUN_DIR_ON_DRIVE = False               # True in Colab: runs go to Google Drive,
 SEED = 0
 PAINTING = "starry_night"              # the style: a key of PAINTINGS (public domain, on Wikimedia)
 CONTENT_IMAGE = os.environ.get("CONTENT_IMAGE", "skimage:chelsea")  # path, URL or skimage:NAME
-STYLE_IMAGE = os.environ.get("STYLE_IMAGE", "")  # empty: the painting PAINTING (smoke: its stand-in)
+STYLE_IMAGE = os.environ.get("STYLE_IMAGE", "")  # empty: PAINTING (smoke: its stand-in)
 GRAY_STYLE_IMAGE = "skimage:gravel"    # a grayscale texture, to show the gray -> RGB conversion
 IMAGE_SIZE = 48 if SMOKE else 512      # longer side in px, aspect ratio kept (chelsea: 512x341)
 
@@ -101,8 +102,8 @@ LPIPS_NET = None if SMOKE else "alex"  # LPIPS backbone (downloads AlexNet); smo
 TIMING_WARMUP = 2 if SMOKE else HISTORY_SIZE  # warm-up fills the L-BFGS memory first
 TIMING_ITERATIONS = 3 if SMOKE else 20
 LOCKSTEP_STEPS = 3                     # first iterations in which both L-BFGS versions must agree
-LOCKSTEP_TOLERANCE = 1e-4              # ... to this fraction of the largest pixel change of one iteration
-LOSS_MARGIN = 0.20                     # SyncFreeLBFGS's final loss may exceed torch's by at most 20 %
+LOCKSTEP_TOLERANCE = 1e-4              # ... to this fraction of an iteration's largest change
+LOSS_MARGIN = 0.20                     # SyncFreeLBFGS's final loss: at most 20 % above torch's
 LOSS_SCALE = 2.0**7                    # the loss scale tried with fp16 in section 10
 
 use_drive_for_runs(RUN_DIR_ON_DRIVE)   # mounts Drive and sets $RUN_DIR there (Colab only)
@@ -112,7 +113,7 @@ RUN_DIR = run_dir(NOTEBOOK)            # $RUN_DIR/<notebook>: checkpoint, figure
 CHECKPOINT = RUN_DIR / "gatys_checkpoint.pt"
 CHOICES = gpu_choices(DEVICE)          # the GPU path's decisions (a T4's with EMULATE_T4=1)
 CHANNELS_LAST = CHOICES.channels_last  # the memory layout that fast GPU convolutions prefer
-VGG_AUTOCAST = None                    # float32: section 10 shows what fp16 or bf16 do to the gradient
+VGG_AUTOCAST = None                    # float32; section 10 shows what fp16/bf16 do to the gradient
 if CHOICES.cuda:
     torch.backends.cudnn.benchmark = True  # one image size throughout: autotune the kernels
 elif CHOICES.emulated:
@@ -129,7 +130,7 @@ print("GPU path:", CHOICES.describe(), "| VGG in float32" if VGG_AUTOCAST is Non
 
 # %%
 def painting_source(key: str) -> str:
-    """The painting's file (downloaded once); in smoke mode its offline stand-in, listed in STAND_INS."""
+    """The painting's file (downloaded once); in smoke mode its stand-in, listed in STAND_INS."""
     if SMOKE:
         STAND_INS.append(f"style: {PAINTING_STAND_INS[key]} stands in for the painting "
                          f"'{PAINTINGS[key].title}' (smoke mode downloads nothing)")
@@ -238,7 +239,7 @@ show_panels({f"content: {describe_source(CONTENT_IMAGE)}": content,
 
 # %%
 seed_everything(SEED)  # the random-weight stand-in must be rebuilt identically for the reload check
-if PRETRAINED:  # download once (548 MB), with a timeout and a clear message, into torchvision's cache
+if PRETRAINED:  # download once (548 MB) into torchvision's cache, with a timeout
     cache_torchvision_weights(VGG19_Weights.IMAGENET1K_V1, "VGG19's ImageNet weights")
 vgg = VGG19Features([*CONTENT_LAYERS, *STYLE_LAYERS], PRETRAINED, POOLING).to(DEVICE)
 if CHANNELS_LAST:
@@ -479,8 +480,9 @@ def run_stylisation(content_img: Tensor, style_img: Tensor, steps: int, beta: fl
 def say_reused() -> None:
     """Print how many runs of the cell were reused from an earlier Run all, then reset the count."""
     if runs_done["reused"]:
-        print(f"reusing {runs_done['reused']} finished run(s) saved in {SAVED_RUNS} (same inputs and "
-              f"settings, by an earlier Run all or an earlier cell); {runs_done['computed']} computed now")
+        print(f"reusing {runs_done['reused']} finished run(s) saved in {SAVED_RUNS} (same inputs "
+              f"and settings, by an earlier Run all or an earlier cell); "
+              f"{runs_done['computed']} computed now")
     runs_done.update(reused=0, computed=0)
 
 
@@ -642,7 +644,8 @@ def load_lpips():
     try:
         cache_torchvision_weights(AlexNet_Weights.IMAGENET1K_V1, "AlexNet weights for LPIPS")
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-        return LearnedPerceptualImagePatchSimilarity(net_type=LPIPS_NET, normalize=True).to(DEVICE), ""
+        lpips = LearnedPerceptualImagePatchSimilarity(net_type=LPIPS_NET, normalize=True)
+        return lpips.to(DEVICE), ""
     except (DownloadError, OSError, RuntimeError, ImportError) as err:
         return None, f"LPIPS diversity skipped: its weights did not load ({err})"
 
@@ -719,8 +722,8 @@ for label, t in timings.items():
     print(f"{label:28s} {t['ms_per_step']:8.1f} ms per iteration ({ratio:.2f}x torch's) | "
           f"final loss {t['final_loss']:.4f} ({100 * (loss_change - 1):+.2f} % against torch's)")
 if CHOICES.emulated and not CHOICES.cuda:
-    print("(T4 emulation: a CPU computes float16 slowly in software, so that row's time says nothing "
-          "about a GPU)")
+    print("(T4 emulation: a CPU computes float16 slowly in software, so that row's time says "
+          "nothing about a GPU)")
 
 # %% [markdown]
 # ### Does SyncFreeLBFGS take torch's steps?
@@ -742,7 +745,8 @@ for step, difference in enumerate(differences, 1):
 assert max(differences) <= LOCKSTEP_TOLERANCE * largest_step, "the two L-BFGS versions must agree"
 same_steps = timings["SyncFreeLBFGS, fp32"]["final_loss"] / reference["final_loss"]
 print(f"after {TIMING_WARMUP + TIMING_ITERATIONS} iterations: SyncFreeLBFGS's final loss is "
-      f"{100 * (same_steps - 1):+.2f} % against torch's (allowed: at most +{100 * LOSS_MARGIN:.0f} %)")
+      f"{100 * (same_steps - 1):+.2f} % against torch's "
+      f"(allowed: at most +{100 * LOSS_MARGIN:.0f} %)")
 assert same_steps <= 1 + LOSS_MARGIN, "SyncFreeLBFGS must not end much worse than torch.optim.LBFGS"
 
 # %% [markdown]
