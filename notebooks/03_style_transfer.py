@@ -486,6 +486,7 @@ def say_reused() -> None:
     runs_done.update(reused=0, computed=0)
 
 
+# %%
 gray_content, gray_style_matched = luminance_image(content), luminance_image(style_image, content)
 luminance_result, _ = run_stylisation(gray_content, gray_style_matched, SWEEP_STEPS)
 say_reused()
@@ -637,6 +638,9 @@ diversity = {name: {"vgg": feature_diversity(images, vgg), "pixel": pixel_divers
              for name, images in sets.items()}
 mean_losses = {name: {key: sum(m[key] for _, m in runs) / K for key in ("content", "style")}
                for name, runs in (("dfp", dfp_runs), ("seeds_only", seed_runs))}
+
+
+# %%
 def load_lpips():
     """torchmetrics' LPIPS (AlexNet), or None with the reason when its weights cannot be had."""
     if LPIPS_NET is None:
