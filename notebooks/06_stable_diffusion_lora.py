@@ -110,7 +110,7 @@ RANDOM_FLIP = True
 # LoRA and its training (diffusers' train_text_to_image_lora.py defaults, except min-SNR: on here)
 RANK = 4
 LORA_ALPHA = 4                               # the update is scaled by LORA_ALPHA / RANK
-LEARNING_RATE = 1e-4
+LEARNING_RATE = 1e-2 if SMOKE else 1e-4     # smoke: large, so 4 steps change the model visibly
 ADAM_BETAS = (0.9, 0.999)
 WEIGHT_DECAY = 1e-2
 ADAM_EPS = 1e-8
