@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from .downloads import TIMEOUT_S, DownloadError, fetch_file
+from .environment import gpu_choices
 from .losses import lsgan_discriminator_loss, pix2pixhd_generator_loss
 from .training import History, Stopwatch, load_checkpoint, save_checkpoint, synchronize
 
-CMP_FACADES_URL = "https://cmp.felk.cvut.cz/~tylecr1/facade/CMP_facade_DB_base.zip"
+CMP_FACADES_PAGE = "https://cmp.felk.cvut.cz/~tylecr1/facade/"
+CMP_FACADES_URL = CMP_FACADES_PAGE + "CMP_facade_DB_base.zip"
 CMP_FACADES_CLASSES = ["(unused)", "background", "facade", "window", "door", "cornice", "sill", "balcony",
                        "blind", "deco", "molding", "pillar", "shop"]
 PROCEDURAL_CLASSES = ["sky", "ground", "building", "window", "tree", "sun"]
@@ -351,19 +353,29 @@ class FastPath:
     compile: bool = False  # torch.compile G and D in place (fuses norm, padding, activations)
     channels_last: bool = False  # NHWC tensors and weights (off by default: see `for_device`)
     compile_backend: str = "inductor"
+    init_scale: float = 2.0**8  # fp16 loss scale to start from (torch's default 2**16 overflows)
 
     @classmethod
     def for_device(cls, device: torch.device, compile: bool = False) -> "FastPath":
-        """CUDA: autocast in bf16 (compute capability >= 8) or fp16 (7.x, e.g. a T4), cuDNN
-        autotuning, fused Adam, torch.compile when asked. Other devices: eager fp32. Channels-last
-        stays off: InstanceNorm turns NHWC tensors back into NCHW, so it cannot speed up the
-        memory-bound layers, and on the CPU (torch 2.11-2.14) InstanceNorm's input gradient is
-        wrong at batch 1 when the incoming gradient is NHWC (see the tests). The bench measures it."""
-        if device.type != "cuda":
+        """The options `gpu_choices(device)` decides: autocast in bf16 (compute capability >= 8)
+        or fp16 with a loss scaler (7.x, a T4, or EMULATE_T4=1), fused Adam; on CUDA also cuDNN
+        autotuning and torch.compile when asked. A CPU without emulation: eager fp32.
+        Channels-last stays off, with a printed reason: InstanceNorm turns NHWC tensors back into
+        NCHW, so it cannot speed up the memory-bound layers, and on the CPU (torch 2.11-2.14)
+        InstanceNorm's input gradient is wrong at batch 1 when the incoming gradient is NHWC (see
+        the tests). The bench times it."""
+        choices = gpu_choices(device)
+        if not choices.gpu_path:
             return cls()
-        major = torch.cuda.get_device_capability(device)[0]
-        amp = torch.bfloat16 if major >= 8 else torch.float16 if major >= 7 else None
-        return cls(amp_dtype=amp, cudnn_benchmark=True, fused_adam=True, compile=compile)
+        if not choices.cuda:
+            choices.skip("cuDNN autotuning", "the CPU's own convolution kernels")
+            if compile:
+                choices.skip("torch.compile (COMPILE = True)", "the eager step")
+        if choices.channels_last:
+            print("channels-last: left off (InstanceNorm turns NHWC back into NCHW; on a CPU its "
+                  "gradient is wrong at batch 1)")
+        return cls(amp_dtype=choices.amp_dtype, cudnn_benchmark=choices.cuda,
+                   fused_adam=choices.fused_adam, compile=compile and choices.cuda)
 
     def describe(self) -> str:
         """The options that are on, in words."""
@@ -393,8 +405,11 @@ class FastPath:
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=self.fused_adam or None)
 
     def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
-        """The loss scaler: on for fp16 (small gradients would underflow), off for bf16 and fp32."""
-        return torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        """The loss scaler: on for fp16 (small gradients would underflow), off for bf16 and fp32.
+        It starts at `init_scale`: at 2**16 the first steps' gradients overflow fp16 (max 65,504)
+        and the scaler skips those optimizer steps while it halves the scale."""
+        return torch.amp.GradScaler(device.type, init_scale=self.init_scale,
+                                    enabled=self.amp_dtype == torch.float16)
 
 
 @dataclass
@@ -439,6 +454,7 @@ class Trained:
     history: History
     stopwatch: Stopwatch
     progress: Progress
+    saved_before: int = 0  # epochs its checkpoints held when the call began (0: a fresh start)
 
 
 def pix2pixhd_train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None,
@@ -549,12 +565,33 @@ def train_stage(stage: Stage, G: nn.Module, D: nn.Module, setup: TrainingSetup, 
     return True
 
 
+def saved_epochs(name: str, plan: Sequence[Stage], folder: Path) -> int:
+    """Epochs of variant `name` that its checkpoints in folder/checkpoints hold (0: none saved).
+    Reads only each checkpoint's progress record (mmap: the weights stay on disk)."""
+    done = 0
+    for stage in plan:
+        path = folder / "checkpoints" / f"{name}_{stage.name}.pt"
+        if not path.is_file():
+            break
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        epoch = saved["state"]["progress"]["epoch"]
+        done += epoch
+        if epoch < sum(stage.epochs):
+            break
+    return done
+
+
 def train_variant(name: str, plan: Sequence[Stage], build_generator: Callable[[str], nn.Module],
                   D: nn.Module, setup: TrainingSetup, folder: Path, config: dict,
                   stop_after: int | None = None) -> Trained:
     """Train, resume or just load every stage of a variant: checkpoints in folder/checkpoints,
     losses in folder/tensorboard/<name>. Stage 2's G starts from stage 1's trained G1; D carries
-    over. stop_after: stop after that many epochs of the run (a disconnect; a new call resumes)."""
+    over. stop_after: stop after that many epochs of the run (a disconnect; a new call resumes).
+    Prints whether it reuses a finished run or resumes a stopped one."""
+    total, saved = sum(sum(stage.epochs) for stage in plan), saved_epochs(name, plan, folder)
+    if saved:
+        what = "reusing the finished run" if saved == total else "resuming the run saved"
+        print(f"{name}: {what} in {folder / 'checkpoints'} (epoch {saved} of {total})")
     record = {"history": History(folder / "tensorboard" / name), "stopwatch": Stopwatch(),
               "progress": Progress()}
     setup.fast.prepare(D)
@@ -569,9 +606,9 @@ def train_variant(name: str, plan: Sequence[Stage], build_generator: Callable[[s
         path = folder / "checkpoints" / f"{name}_{stage.name}.pt"
         left = None if stop_after is None else stop_after - done
         if not train_stage(stage, G, D, setup, record, path, stage_config, left):
-            return Trained(G, D, False, **record)
+            return Trained(G, D, False, **record, saved_before=saved)
         done += sum(stage.epochs)
-    return Trained(G, D, True, **record)
+    return Trained(G, D, True, **record, saved_before=saved)
 
 
 def training_step_flops(G: nn.Module, D: nn.Module, vgg: nn.Module | None, input_nc: int,
@@ -711,8 +748,11 @@ class PairedFolderDataset(Dataset):
         return {"label": torch.from_numpy(label.astype(np.int64)), "image": image}
 
 
-def download_cmp_facades(root: str | os.PathLike, url: str = CMP_FACADES_URL) -> Path:
-    """Download and unpack the CMP Facade Database (base, 378 pairs, ~34 MB) once; return the folder of pairs."""
+def download_cmp_facades(root: str | os.PathLike, url: str = CMP_FACADES_URL,
+                         timeout: float = TIMEOUT_S) -> Path:
+    """Download and unpack the CMP Facade Database (base, 378 pairs, ~34 MB) once; return the folder of pairs.
+    The download goes through helpers.downloads (timeout, the project's User-Agent). There is no second source
+    in this format: the pix2pix mirror stores the labels as JPEG colour pictures, not class indices."""
     root = Path(root) / "cmp_facades"
     folder = root / "base"
     if folder.is_dir() and any(folder.glob("*.jpg")):
@@ -721,14 +761,16 @@ def download_cmp_facades(root: str | os.PathLike, url: str = CMP_FACADES_URL) ->
     archive = root / "CMP_facade_DB_base.zip"
     try:
         if not archive.is_file():
-            urllib.request.urlretrieve(url, archive.with_suffix(".part"))
-            archive.with_suffix(".part").rename(archive)
+            fetch_file(url, archive, "the CMP Facade Database", timeout)
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(root)
+    except DownloadError as err:
+        raise DownloadError(f"{err}; or run with SMOKE=1 or PIX2PIXHD_DATASET=procedural for the "
+                            "offline toy streets") from err
     except (OSError, zipfile.BadZipFile) as err:
         archive.unlink(missing_ok=True)
-        raise RuntimeError(f"could not download the CMP facades from {url} into '{root}' ({err}); connect to the "
-                           "internet, or run with SMOKE=1 / DATASET='procedural' for the offline data") from err
+        raise RuntimeError(f"could not unpack the CMP facades '{archive}' ({err}); the file was deleted: run "
+                           f"again to download it, or download it yourself from {CMP_FACADES_PAGE}") from err
     found = sorted({p.parent for p in root.rglob("*.jpg")})
     if not found:
         raise RuntimeError(f"'{archive}' unpacked but holds no .jpg photos; delete '{root}' and run again")

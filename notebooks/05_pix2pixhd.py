@@ -55,7 +55,7 @@ from helpers.pix2pixhd import (
     CMP_FACADES_CLASSES, FastPath, PairedFolderDataset, ProceduralLabelImages, Progress, Trained,
     TrainingSetup, check_image_size, colorize_labels, download_cmp_facades, encode_pair_batch,
     encode_input, input_channels, instance_edges, label_sketch, linear_decay_lr, one_hot_labels,
-    set_lr, snapshot,
+    saved_epochs, set_lr, snapshot,
 )
 from helpers.plotting import plot_losses, show_grid, show_over_iterations, show_panels, show_rows
 from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb,
@@ -398,6 +398,12 @@ print({k: round(v.item(), 4) for k, v in same.items()})
 # $\mathcal{L}_\text{GAN}$ and $\mathcal{L}_\text{FM}$, so that their gradients reach $G$ through $D$) and on the
 # detached fake pair (for $\mathcal{L}_D$); one Adam step of $G$, then one of $D$. On a GPU the step runs under
 # `torch.autocast` (bf16 where the GPU has it, fp16 with a loss scaler on a T4); on a CPU in plain fp32.
+# `EMULATE_T4=1` makes any device take a T4's choices, so a CPU runs the fp16 path too.
+#
+# The **loss scaler** (`torch.amp.GradScaler`) multiplies the loss by a scale $s$ before the backward pass, so
+# that small fp16 gradients do not round to 0, and divides the gradients by $s$ before Adam. A step whose
+# gradients overflow (fp16 stops at 65,504) is skipped and $s$ is halved. Here $s$ starts at $2^8$: at torch's
+# default $2^{16}$, every gradient above 1 overflows, and this model's first steps would be lost.
 
 # %% [helpers] pix2pixhd: pix2pixhd_train_step
 
@@ -426,8 +432,11 @@ print({k: round(v.item(), 4) for k, v in same.items()})
 # %% [markdown]
 # ### The runs
 # One setup per variant (the ablation changes only the loss weights and the plan), and one function that trains,
-# resumes or loads a variant. To show the resume path on every run, the main run is stopped once after
-# `INTERRUPT_AFTER_EPOCHS` epochs (inside the frozen-G1 epochs of stage 2) and then resumed.
+# resumes or loads a variant. To show the resume path, a new main run is stopped once after
+# `INTERRUPT_AFTER_EPOCHS` epochs (inside the frozen-G1 epochs of stage 2) and then resumed. Run the notebook
+# again with the same `RUN_DIR` (the next day, or after a Colab reset with runs on Drive) and every finished run
+# is loaded, not trained again: the output says "reusing the finished run". A run that stopped halfway says
+# "resuming" and goes on from its last epoch.
 
 # %%
 snapshot_maps = {k: v[:SNAPSHOT_IMAGES] for k, v in preview.items()}
@@ -462,23 +471,57 @@ if in_colab():
 if DEVICE.type == "cuda":
     torch.cuda.reset_peak_memory_stats(DEVICE)
 
-interrupted = run_variant(MAIN_VARIANT, stop_after=INTERRUPT_AFTER_EPOCHS)
-main = run_variant(MAIN_VARIANT)  # a fresh start: resumes from the interrupted run's checkpoint
-assert not interrupted.complete and main.complete
-assert interrupted.stopwatch.iterations == INTERRUPT_AFTER_EPOCHS * len(train_loader)
+TOTAL_EPOCHS = sum(GLOBAL_EPOCHS) + sum(LOCAL_EPOCHS)
+saved = saved_epochs(MAIN_VARIANT, plan_for(VARIANTS[MAIN_VARIANT]), RUN_DIR)
+if saved < INTERRUPT_AFTER_EPOCHS:  # a new run: stop it once, as a disconnect would
+    interrupted = run_variant(MAIN_VARIANT, stop_after=INTERRUPT_AFTER_EPOCHS)
+    assert not interrupted.complete
+    assert interrupted.stopwatch.iterations == INTERRUPT_AFTER_EPOCHS * len(train_loader)
+    print(f"stopped after epoch {INTERRUPT_AFTER_EPOCHS} of {TOTAL_EPOCHS} "
+          f"({interrupted.stopwatch.iterations} iterations), as a disconnect would")
+main = run_variant(MAIN_VARIANT)  # resumes from the last checkpoint, or reuses a finished run
+if saved == TOTAL_EPOCHS:
+    print("(the stop and the resume were shown when this run was trained; to see them again, "
+          "set RUN_DIR to a new folder)")
+assert main.complete
 steps, _ = main.history.series("G/total")
 assert steps == list(range(1, len(steps) + 1)), "the resumed history must continue without gaps"
-assert main.stopwatch.iterations == (sum(GLOBAL_EPOCHS) + sum(LOCAL_EPOCHS)) * len(train_loader)
-MAIN_PEAK_MB = peak_memory_mb(DEVICE) if DEVICE.type == "cuda" else None
+assert main.stopwatch.iterations == TOTAL_EPOCHS * len(train_loader)
+TRAINED_HERE = main.saved_before < TOTAL_EPOCHS  # False: an earlier Run all trained it
+MAIN_PEAK_MB = peak_memory_mb(DEVICE) if DEVICE.type == "cuda" and TRAINED_HERE else None
 seconds_per_iteration = main.stopwatch.seconds / main.stopwatch.iterations
 print(f"main run: {main.stopwatch.iterations} iterations in {main.stopwatch.seconds:.1f} s "
       f"({seconds_per_iteration:.2f} s/iteration, data loading included)")
 if MAIN_PEAK_MB is None:
-    print("peak GPU memory: not measured (no GPU here)")
+    why = "no GPU here" if DEVICE.type != "cuda" else "this Run all reused the finished run"
+    print(f"peak GPU memory: not measured ({why})")
 else:
     print(f"peak GPU memory of the main run: {MAIN_PEAK_MB:,.0f} MiB (CUDA allocator)")
     if not SMOKE:  # section 1's claim: the Colab configuration fits a T4 (14.6 GiB usable)
         assert MAIN_PEAK_MB < 14.5 * 1024, f"{MAIN_PEAK_MB:,.0f} MiB would not fit a T4"
+
+# %% [markdown]
+# ### What a checkpoint holds
+# Each stage has one checkpoint file, rewritten after every epoch. Resuming reads it back: the weights, both
+# Adam states, the loss scaler, the losses so far and the epoch counter. Below: what the main run's files hold,
+# and how many steps each Adam took. With fp16 the loss scaler skips a step whose gradients overflowed, so
+# fewer Adam steps than iterations would mean lost training.
+
+# %%
+for stage in plan_for(VARIANTS[MAIN_VARIANT]):
+    path = RUN_DIR / "checkpoints" / f"{MAIN_VARIANT}_{stage.name}.pt"
+    saved_state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state"]
+    adam_steps = {name: max(int(s["step"]) for s in saved_state[name]["state"].values())
+                  for name in ("opt_g", "opt_d")}
+    print(f"{path.name}: {path.stat().st_size / 2**20:,.1f} MiB, epoch "
+          f"{saved_state['progress']['epoch']} of {sum(stage.epochs)}, "
+          f"{saved_state['stopwatch']['iterations']} iterations in all, Adam steps {adam_steps}, "
+          f"loss scale {saved_state['scaler'].get('scale', 'off (fp32 or bf16)')}")
+    # stage 2 rebuilds G's Adam after the frozen-G1 epochs; D's Adam is new in each stage
+    n = len(train_loader)
+    expected = {"opt_g": (sum(stage.epochs) - stage.fix_global) * n, "opt_d": sum(stage.epochs) * n}
+    for name, steps in expected.items():  # at most 1 % of the steps skipped by the loss scaler
+        assert adam_steps[name] >= 0.99 * steps, f"{name} took {adam_steps[name]} of {steps} steps"
 
 # %%
 smooth = max(1, main.stopwatch.iterations // 60)  # moving average over ~1/60 of the run
@@ -651,16 +694,35 @@ if DEVICE.type == "cuda" and not SMOKE and len(timings) == 2:  # the claim: the 
 # %% [markdown]
 # ## 10. Reload the weights and generate
 #
-# A fresh generator, built from the parameters cell, loads the last checkpoint of the main run and must give the
-# same images as the trained one.
+# A fresh generator, built from the parameters cell, loads the last checkpoint of the main run. It must hold the
+# same weights and give the same images as the trained one, bit for bit. On a GPU, cuDNN may choose another
+# algorithm for the same layer from one call to the next, and some algorithms add in a varying order. So the
+# comparison asks cuDNN for deterministic algorithms.
 
 # %%
+@contextlib.contextmanager
+def deterministic_kernels():
+    """cuDNN without autotuning and with deterministic algorithms: same weights, same bits."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
 final_checkpoint = RUN_DIR / "checkpoints" / f"{MAIN_VARIANT}_local.pt"
 fresh_g = build_generator("local")
 info = load_checkpoint(final_checkpoint, {"G": fresh_g}, map_location=DEVICE, restore_rng=False)
-reloaded = outputs_for(fresh_g, preview)
-assert torch.equal(reloaded, outputs_for(main.G, preview)), "reloaded G differs from the trained G"
-print(f"reloaded '{final_checkpoint.name}' (iteration {info['step']}): outputs match")
+trained_weights = main.G.state_dict()
+assert all(torch.equal(w, trained_weights[k]) for k, w in fresh_g.state_dict().items())
+with deterministic_kernels():
+    reloaded, trained = outputs_for(fresh_g, preview), outputs_for(main.G, preview)
+if FAST.compile:  # the compiled G fuses operations, so it rounds differently
+    print(f"compiled G: largest difference {(reloaded - trained).abs().max():.1e}")
+else:
+    assert torch.equal(reloaded, trained), "reloaded G differs from the trained G"
+print(f"reloaded '{final_checkpoint.name}' (iteration {info['step']}): weights and outputs match")
 show_grid(torch.cat([input_picture(preview), reloaded]), "Reloaded generator: label maps (top) and "
           "its images (bottom)", RUN_DIR / "reloaded_samples.png", nrow=len(reloaded))
 

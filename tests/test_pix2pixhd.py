@@ -1,17 +1,25 @@
 """Pix2PixHD helpers: parameter counts at the official defaults, shapes, input encoding, data, schedule, metrics."""
 from __future__ import annotations
 
+import socket
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from helpers.pix2pixhd import (
-    GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, NLayerDiscriminator, PairedFolderDataset,
+    CMP_FACADES_URL, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, NLayerDiscriminator, PairedFolderDataset,
     ProceduralLabelImages, ResnetBlock, check_image_size, download_cmp_facades, encode_input,
     instance_edges,
     label_sketch, linear_decay_lr, one_hot_labels,
 )
+from helpers.downloads import PROJECT_URL, TIMEOUT_S, USER_AGENT, DownloadError
 from helpers.metrics import psnr, ssim
 from helpers.training import count_parameters
 
@@ -58,12 +66,11 @@ def test_parameter_counts_at_official_defaults():
     assert count_parameters(multi) == MULTISCALE_PARAMS == 8_404_803
 
 
-def test_generators_keep_size_and_range():
+def test_generators_keep_size_and_make_rgb():
     x = torch.randn(2, 7, 64, 96)
     for g in (GlobalGenerator(7, ngf=4, n_blocks=1), LocalEnhancer(7, ngf=2, n_blocks_global=1, n_blocks_local=1)):
         y = g(x)
         assert y.shape == (2, 3, 64, 96)
-        assert y.abs().max() <= 1
 
 
 def test_resnet_block_is_residual():
@@ -151,8 +158,23 @@ def test_procedural_dataset_is_deterministic_and_in_range():
     item = a[1]
     assert item["label"].shape == (32, 32) and item["image"].shape == (3, 32, 32)
     assert torch.equal(item["image"], b[1]["image"])
-    assert item["image"].min() >= -1 and item["image"].max() <= 1
     assert int(item["label"].max()) < ProceduralLabelImages.label_nc
+
+
+def test_procedural_photo_is_drawn_from_its_maps():
+    """The docstring's claim: the photo is a function of the maps. Sky pixels (class 0) get the sky colour
+    (0.45, 0.65, 0.95) brightened by 0.35 * y / horizon, so their blue channel only grows downwards, and the
+    dark outline appears only where two building instances meet (the edge channel's information)."""
+    data = ProceduralLabelImages(8, 32, seed=3)
+    for i in range(len(data)):
+        label, inst, image = data.labels[i], data.instances[i], (data.images[i] + 1) / 2
+        sky = label == 0
+        red = image[0][sky]
+        assert torch.all(red >= 0.45 - 1e-6)  # the sky colour's red, brightened, never darkened
+        brick = image[0] * (label == 2)  # building pixels: colour 0.70 red, 0.45x on an instance outline
+        edges = instance_edges(inst[None])[0, 0].bool() & (label == 2)
+        assert torch.allclose(brick[edges], torch.full_like(brick[edges], 0.70 * 0.45))
+        assert torch.allclose(brick[(label == 2) & ~edges], torch.full_like(brick[(label == 2) & ~edges], 0.70))
 
 
 def _write_pair(folder, stem, photo_size=(40, 30), label_size=(40, 30), label_value=2):
@@ -164,7 +186,12 @@ def test_paired_folder_dataset_reads_and_resizes(tmp_path):
     _write_pair(tmp_path, "a")
     item = PairedFolderDataset(tmp_path, tmp_path, 32, label_nc=13)[0]
     assert item["label"].shape == (32, 32) and int(item["label"].unique()) == 2
-    assert item["image"].shape == (3, 32, 32) and -1 <= float(item["image"].min()) <= float(item["image"].max()) <= 1
+    # the photo is one colour: every pixel is its decoded JPEG value v (about (200, 10, 10)) mapped by v / 127.5 - 1
+    with Image.open(tmp_path / "a.jpg") as photo:
+        decoded = torch.tensor(np.asarray(photo.convert("RGB"))[0, 0], dtype=torch.float32)
+    expected = (decoded / 127.5 - 1)[:, None, None].expand(3, 32, 32)
+    assert item["image"].shape == (3, 32, 32)
+    assert torch.allclose(item["image"], expected, rtol=0, atol=4 * torch.finfo(torch.float32).eps)
 
 
 def test_paired_folder_dataset_errors(tmp_path):
@@ -185,13 +212,57 @@ def test_paired_folder_dataset_errors(tmp_path):
         PairedFolderDataset(tmp_path, tmp_path, 30, label_nc=13)
 
 
-def test_cmp_facades_download_reuses_a_copy_and_explains_failures(tmp_path):
+def test_cmp_facades_download_reuses_a_copy(tmp_path):
     base = tmp_path / "cmp_facades" / "base"
     base.mkdir(parents=True)
     _write_pair(base, "cmp_b0001")
     assert download_cmp_facades(tmp_path, url="http://127.0.0.1:9/none.zip") == base  # no download needed
-    with pytest.raises(RuntimeError, match="could not download the CMP facades .* SMOKE=1"):
-        download_cmp_facades(tmp_path / "empty", url="http://127.0.0.1:9/none.zip")
+
+
+def _facades_zip(folder: Path) -> Path:
+    """A zip laid out as CMP_facade_DB_base.zip: base/cmp_b0001.jpg and its label map base/cmp_b0001.png."""
+    (folder / "base").mkdir(parents=True)
+    _write_pair(folder / "base", "cmp_b0001")
+    archive = folder / "CMP_facade_DB_base.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("cmp_b0001.jpg", "cmp_b0001.png"):
+            zf.write(folder / "base" / name, f"base/{name}")
+    return archive
+
+
+def test_cmp_facades_download_unpacks_the_zip(tmp_path):
+    archive = _facades_zip(tmp_path / "server")
+    folder = download_cmp_facades(tmp_path / "data", url=archive.as_uri())  # file://: no network needed
+    assert folder == tmp_path / "data" / "cmp_facades" / "base"
+    assert len(PairedFolderDataset(folder, folder, 32, label_nc=13)) == 1
+
+
+def test_cmp_facades_download_has_a_timeout_a_user_agent_and_says_what_to_do(tmp_path, monkeypatch):
+    requests = []
+
+    def refuse(request, *args, **kwargs):
+        requests.append((request, kwargs.get("timeout", args[1] if len(args) > 1 else None)))
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    with pytest.raises(DownloadError, match=r"CMP Facade Database .* within 60 s .*PIX2PIXHD_DATASET=procedural"):
+        download_cmp_facades(tmp_path)
+    (request, timeout), = requests
+    assert timeout == TIMEOUT_S and request.get_header("User-agent") == USER_AGENT
+    assert PROJECT_URL in USER_AGENT and request.full_url == CMP_FACADES_URL
+    assert not list((tmp_path / "cmp_facades").glob("*.zip*")), "a failed download leaves no file behind"
+
+
+def test_cmp_facades_download_from_a_stalled_server_stops(tmp_path):
+    """A server that accepts the connection and never answers: the download stops after its timeout."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/CMP_facade_DB_base.zip"
+        started = time.monotonic()
+        with pytest.raises(DownloadError, match="timed out"):
+            download_cmp_facades(tmp_path, url=url, timeout=0.5)
+    assert time.monotonic() - started < 30
 
 
 def test_psnr_by_hand_on_unit_range_images():
