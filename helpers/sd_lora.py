@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .environment import GpuChoices
 from .losses import diffusion_snr, noise_prediction_loss
+from .metrics import CLIP_MEAN, CLIP_STD, clip_text_embeddings
 from .training import History, Stopwatch, checkpoints_like, load_checkpoint, save_checkpoint
 
 TINY_MODEL_ID = "tiny-random-sd"  # not a Hub id: build tiny random components from configs (offline stand-in)
@@ -345,7 +346,7 @@ def lora_training_step(unet: nn.Module, optimizer: torch.optim.Optimizer,
         with precision.autocast():  # fp16 on a T4, bf16 on newer GPUs, a no-op in fp32
             loss = diffusion_loss(unet, latents, text_states, noise_scheduler, snr_gamma)
         loss = loss / len(micro_batches)
-        accelerator.backward(loss if scaler is None else scaler.scale(loss))  # x scale: no underflow
+        accelerator.backward(loss if scaler is None else scaler.scale(loss))  # no underflow
         total += loss.detach()
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradients, for clipping
@@ -745,9 +746,8 @@ def load_clip(model_id: str, work_dir: str | os.PathLike, device: torch.device) 
                              "and your internet connection") from err
 
 
-# The image normalisation CLIP was trained with (OpenAI's CLIP preprocessing)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# CLIPScore as Hessel et al. (2021) define it and torchmetrics computes it, with CLIP's own preprocessing (the
+# shorter side resized, the centre cropped). The text side is helpers.metrics.clip_text_embeddings.
 
 
 def clip_pixels(images: Tensor, size: int) -> Tensor:
@@ -762,7 +762,7 @@ def clip_pixels(images: Tensor, size: int) -> Tensor:
 
 
 @torch.no_grad()
-def clip_image_embeddings(model: Any, images: Tensor) -> Tensor:
+def clip_image_features(model: Any, images: Tensor) -> Tensor:
     """Projected CLIP image embeddings of images in [0, 1] (transformers CLIPModel), after clip_pixels."""
     device = next(model.parameters()).device
     pixels = clip_pixels(images, model.config.vision_config.image_size).to(device, model.dtype)
@@ -770,23 +770,13 @@ def clip_image_embeddings(model: Any, images: Tensor) -> Tensor:
     return getattr(embeds, "pooler_output", embeds).float()  # transformers 5 returns an output object
 
 
-@torch.no_grad()
-def clip_text_embeddings(model: Any, tokenizer: Any, captions: Sequence[str]) -> Tensor:
-    """Projected CLIP text embeddings of captions (transformers CLIPModel and its tokenizer)."""
-    device = next(model.parameters()).device
-    tokens = tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt").to(device)
-    embeds = model.get_text_features(**tokens)
-    return getattr(embeds, "pooler_output", embeds).float()
-
-
-def clip_score_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> float:
-    """CLIPScore (Hessel et al. 2021, as torchmetrics computes it): max(100 * mean cosine similarity of the
-    image/caption pairs, 0)."""
+def clipscore_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> float:
+    """CLIPScore: max(100 * mean cosine similarity of the image/caption pairs, 0)."""
     cosine = torch.nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
     return max(100 * cosine.mean().item(), 0.0)
 
 
-def clip_score(model: Any, tokenizer: Any, images: Tensor, captions: Sequence[str]) -> float:
+def clipscore(model: Any, tokenizer: Any, images: Tensor, captions: Sequence[str]) -> float:
     """CLIPScore of images in [0, 1] against their captions with a transformers CLIPModel."""
-    return clip_score_from_embeddings(clip_image_embeddings(model, images),
-                                      clip_text_embeddings(model, tokenizer, captions))
+    return clipscore_from_embeddings(clip_image_features(model, images),
+                                     clip_text_embeddings(model, tokenizer, captions))

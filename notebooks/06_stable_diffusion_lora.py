@@ -73,8 +73,8 @@ from helpers.environment import (describe_device, gpu_choices, in_colab, pick_de
                                  seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.plotting import (plot_losses, save_figure, show_grid, show_image_table,
                               show_over_iterations)
-from helpers.sd_lora import (LORA_WEIGHT_FILE, LoraParameters, MixedPrecision, clip_image_embeddings,
-                             clip_score, lora_checkpoints, micro_batch)
+from helpers.sd_lora import (LORA_WEIGHT_FILE, LoraParameters, MixedPrecision,
+                             clip_image_features, clipscore, lora_checkpoints, micro_batch)
 from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb,
                               save_checkpoint, time_per_step, write_metrics)
 
@@ -110,7 +110,7 @@ RANDOM_FLIP = True
 # LoRA and its training (diffusers' train_text_to_image_lora.py defaults, except min-SNR: on here)
 RANK = 4
 LORA_ALPHA = 4                               # the update is scaled by LORA_ALPHA / RANK
-LEARNING_RATE = 1e-4
+LEARNING_RATE = 1e-2 if SMOKE else 1e-4     # smoke: large, so 4 steps change the model visibly
 ADAM_BETAS = (0.9, 0.999)
 WEIGHT_DECAY = 1e-2
 ADAM_EPS = 1e-8
@@ -150,8 +150,8 @@ STAND_INS = []
 if MODEL_ID == sd_lora.TINY_MODEL_ID:
     STAND_INS.append(sd_lora.STAND_IN_NOTE)
     print("STAND-IN:", sd_lora.STAND_IN_NOTE)
-print(f"mode: {'smoke' if SMOKE else 'full'} | {CHOICES.describe()} | frozen weights in "
-      f"{WEIGHT_DTYPE} | run dir: {RUN_DIR}")
+print(f"mode: {'smoke' if SMOKE else 'full'} | device: {describe_device(DEVICE)} | frozen "
+      f"weights in {WEIGHT_DTYPE} | run dir: {RUN_DIR}")
 print(f"training step: {PRECISION.description}")
 
 # %% [markdown]
@@ -467,7 +467,9 @@ unet, optimizer = accelerator.prepare(unet, optimizer)
 
 # %% [helpers] sd_lora: LoraRun, training_state
 
-# %% [helpers] sd_lora: step_batches, train_lora
+# %% [helpers] sd_lora: step_batches
+
+# %% [helpers] sd_lora: train_lora
 
 # %%
 if in_colab():
@@ -678,13 +680,13 @@ if CLIP_STAND_IN:
     STAND_INS.append("tiny random CLIP model for the CLIP score (not meaningful)")
     print("STAND-IN:", STAND_INS[-1])
 shuffled = captions[1:] + captions[:1]
-CLIP_BEFORE = clip_score(clip_model, clip_tokenizer, clip_before_images, captions)
-CLIP_AFTER = clip_score(clip_model, clip_tokenizer, clip_after_images, captions)
-CLIP_AFTER_SHUFFLED = clip_score(clip_model, clip_tokenizer, clip_after_images, shuffled)
+CLIP_BEFORE = clipscore(clip_model, clip_tokenizer, clip_before_images, captions)
+CLIP_AFTER = clipscore(clip_model, clip_tokenizer, clip_after_images, captions)
+CLIP_AFTER_SHUFFLED = clipscore(clip_model, clip_tokenizer, clip_after_images, shuffled)
 training_images = torch.stack([dataset[i]["pixel_values"] for i in range(len(captions))]) / 2 + 0.5
-reference = clip_image_embeddings(clip_model, training_images).mean(0)
+reference = clip_image_features(clip_model, training_images).mean(0)
 STYLE_BEFORE, STYLE_AFTER = (
-    F.cosine_similarity(clip_image_embeddings(clip_model, x), reference[None]).mean().item()
+    F.cosine_similarity(clip_image_features(clip_model, x), reference[None]).mean().item()
     for x in (clip_before_images, clip_after_images))
 print(f"CLIP score on {len(captions)} training captions: before {CLIP_BEFORE:.2f}, after "
       f"{CLIP_AFTER:.2f}, after with shuffled captions {CLIP_AFTER_SHUFFLED:.2f}; cosine to the "
@@ -718,10 +720,9 @@ assert round(100 * LINEAR_SHARE) == 31, "the theory section quotes 31 %"
 # %%
 QLORA_SKIPPED = sd_lora.qlora_unavailable_reason()
 QUANTIZED = QLORA_SKIPPED is None
-qlora_metrics: dict = {}
-if QLORA_SKIPPED and not CHOICES.gpu_path:
+QLORA_RUNS = QUANTIZED or CHOICES.gpu_path
+if not QLORA_RUNS:
     print("QLoRA skipped:", QLORA_SKIPPED)
-    qlora_metrics = {"skipped": QLORA_SKIPPED}
 else:
     if not QUANTIZED:  # the T4 emulation on a CPU: the same steps, without 4-bit weights
         CHOICES.skip("bitsandbytes' 4-bit QLoRA",
@@ -742,21 +743,25 @@ else:
     q_optimizer = accelerator.prepare(torch.optim.AdamW(
         [p for p in q_unet.parameters() if p.requires_grad], lr=LEARNING_RATE, betas=ADAM_BETAS,
         weight_decay=WEIGHT_DECAY, eps=ADAM_EPS, fused=CHOICES.fused_adam or None))
+
+# %%
+qlora_metrics: dict = {"skipped": QLORA_SKIPPED}
+if QLORA_RUNS:
     q_unet.train()
     q_timing = time_per_step(lambda: lora_training_step(
         q_unet, q_optimizer, step_batches(pipe, dataset, 0, plan, accelerator), noise_scheduler,
         accelerator, PRECISION, SNR_GAMMA, MAX_GRAD_NORM), DEVICE, iterations=QLORA_STEPS, warmup=2)
     q_weights_mb = sum(p.numel() * p.element_size() for p in q_unet.parameters()) / 2**20
-    qlora_metrics = {"steps_per_s": q_timing["it_per_s"],
+    qlora_metrics = {**qlora_metrics, "steps_per_s": q_timing["it_per_s"],
                      "peak_memory_mb": q_timing["peak_memory_mb"], "quantized": QUANTIZED,
                      "gradient_checkpointing": q_checkpointing, "steps": QLORA_STEPS,
                      "unet_weights_mb": q_weights_mb,
                      "trainable_parameters": count_parameters(q_unet, trainable_only=True)}
     assert qlora_metrics["trainable_parameters"] == trainable
     if QUANTIZED:
-        assert q_weights_mb < unet_params_before * 2 / 2**20, "4-bit weights must be smaller than fp16"
-    print(f"{'QLoRA' if QUANTIZED else 'QLoRA steps, fp16 UNet'}: {q_timing['it_per_s']:.2f} steps/s, "
-          f"UNet weights {q_weights_mb:,.1f} MiB")
+        assert q_weights_mb < unet_params_before * 2 / 2**20, "4-bit weights must be smaller"
+    print(f"{'QLoRA' if QUANTIZED else 'QLoRA steps, fp16 UNet'}: {q_timing['it_per_s']:.2f} "
+          f"steps/s, UNet weights {q_weights_mb:,.1f} MiB")
     del q_base, q_unet, q_optimizer
     gc.collect()
     if CHOICES.cuda:
@@ -790,7 +795,7 @@ rows = [
     ("LoRA training", f"{steps_per_s:.2f} steps/s ({BATCH_SIZE * GRAD_ACCUM} images/step, gradient "
                       f"checkpointing {'on' if USE_CHECKPOINTING else 'off'}), {reached} steps"),
     ("peak memory, LoRA", f"{LORA_PEAK_MB:,.0f} MiB"),
-    ("QLoRA training", "skipped (no CUDA GPU or bitsandbytes)" if "skipped" in qlora_metrics else
+    ("QLoRA training", "skipped (no CUDA GPU or bitsandbytes)" if not QLORA_RUNS else
      f"{qlora_metrics['steps_per_s']:.2f} steps/s"
      + (f", peak {qlora_metrics['peak_memory_mb']:,.0f} MiB" if CHOICES.cuda else "")
      + ("" if QUANTIZED else " (fp16 UNet, not quantised)")),

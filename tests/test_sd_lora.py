@@ -521,8 +521,8 @@ def test_clip_score_by_hand():
     texts = torch.stack([2 * cosines[0], 2 * (1 - cosines[0] ** 2).sqrt()])[None]
     texts = torch.cat([texts, torch.stack([(1 - cosines[1] ** 2).sqrt(), cosines[1]])[None] * 5,
                        torch.stack([cosines[2], -(1 - cosines[2] ** 2).sqrt()])[None]])
-    assert sd_lora.clip_score_from_embeddings(images, texts) == pytest.approx(100 * 0.2 / 3, rel=1e-6)
-    assert sd_lora.clip_score_from_embeddings(images, -texts) == 0.0          # mean cosine -0.067 -> 0
+    assert sd_lora.clipscore_from_embeddings(images, texts) == pytest.approx(100 * 0.2 / 3, rel=1e-6)
+    assert sd_lora.clipscore_from_embeddings(images, -texts) == 0.0          # mean cosine -0.067 -> 0
 
 
 def test_clip_preprocessing_is_clips(tmp_path):
@@ -549,7 +549,7 @@ def test_clip_embeddings_are_the_projected_ones(tmp_path):
     # outputs; the stand-in's projections are random 32 x 32 matrices, so the two differ
     model, tokenizer = sd_lora.load_clip(sd_lora.TINY_MODEL_ID, tmp_path, torch.device("cpu"))
     images, captions = torch.rand(2, 3, 40, 40), ["a red circle", "a blue square"]
-    image_embeds = sd_lora.clip_image_embeddings(model, images)
+    image_embeds = sd_lora.clip_image_features(model, images)
     text_embeds = sd_lora.clip_text_embeddings(model, tokenizer, captions)
     with torch.no_grad():
         pooled = model.vision_model(pixel_values=sd_lora.clip_pixels(images, 32)).pooler_output
@@ -561,7 +561,7 @@ def test_clip_embeddings_are_the_projected_ones(tmp_path):
         assert (ours - reference).abs().max() <= 64 * EPS32 * scale
         assert (ours - unprojected).abs().max() > 0.1 * scale
     # an image scored against its own direction: cosine 1 -> 100
-    assert sd_lora.clip_score_from_embeddings(image_embeds, 3 * image_embeds) == pytest.approx(100, rel=1e-6)
+    assert sd_lora.clipscore_from_embeddings(image_embeds, 3 * image_embeds) == pytest.approx(100, rel=1e-6)
 
 
 # --- tools/bench_sd_lora.py: the timed variants and the T4 estimate in the notebook's header ------
