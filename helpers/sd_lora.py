@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from .environment import GpuChoices
 from .losses import diffusion_snr, noise_prediction_loss
-from .metrics import CLIP_MEAN, CLIP_STD, clip_text_embeddings
 from .training import History, Stopwatch, checkpoints_like, load_checkpoint, save_checkpoint
 
 TINY_MODEL_ID = "tiny-random-sd"  # not a Hub id: build tiny random components from configs (offline stand-in)
@@ -744,39 +743,3 @@ def load_clip(model_id: str, work_dir: str | os.PathLike, device: torch.device) 
     except Exception as err:
         raise ModelLoadError(f"could not load the CLIP model {model_id!r} for the CLIP score ({err}); check the id "
                              "and your internet connection") from err
-
-
-# CLIPScore as Hessel et al. (2021) define it and torchmetrics computes it, with CLIP's own preprocessing (the
-# shorter side resized, the centre cropped). The text side is helpers.metrics.clip_text_embeddings.
-
-
-def clip_pixels(images: Tensor, size: int) -> Tensor:
-    """CLIP's preprocessing of images in [0, 1] (N, 3, H, W): the shorter side resized to `size` (bicubic,
-    antialiased), the centre `size` x `size` cropped, normalised by CLIP's mean and standard deviation."""
-    from torchvision.transforms import functional as TF
-
-    pixels = TF.resize(images.float(), size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)
-    pixels = TF.center_crop(pixels, [size, size]).clamp(0, 1)  # bicubic overshoots a little
-    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-    return (pixels - mean) / std
-
-
-@torch.no_grad()
-def clip_image_features(model: Any, images: Tensor) -> Tensor:
-    """Projected CLIP image embeddings of images in [0, 1] (transformers CLIPModel), after clip_pixels."""
-    device = next(model.parameters()).device
-    pixels = clip_pixels(images, model.config.vision_config.image_size).to(device, model.dtype)
-    embeds = model.get_image_features(pixel_values=pixels)
-    return getattr(embeds, "pooler_output", embeds).float()  # transformers 5 returns an output object
-
-
-def clipscore_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> float:
-    """CLIPScore: max(100 * mean cosine similarity of the image/caption pairs, 0)."""
-    cosine = torch.nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
-    return max(100 * cosine.mean().item(), 0.0)
-
-
-def clipscore(model: Any, tokenizer: Any, images: Tensor, captions: Sequence[str]) -> float:
-    """CLIPScore of images in [0, 1] against their captions with a transformers CLIPModel."""
-    return clipscore_from_embeddings(clip_image_features(model, images),
-                                     clip_text_embeddings(model, tokenizer, captions))

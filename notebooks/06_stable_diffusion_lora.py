@@ -73,8 +73,9 @@ from helpers.environment import (describe_device, gpu_choices, in_colab, pick_de
                                  seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.plotting import (plot_losses, save_figure, show_grid, show_image_table,
                               show_over_iterations)
-from helpers.sd_lora import (LORA_WEIGHT_FILE, LoraParameters, MixedPrecision,
-                             clip_image_features, clipscore, lora_checkpoints, micro_batch)
+from helpers.metrics import clip_image_embeddings, clip_score
+from helpers.sd_lora import (LORA_WEIGHT_FILE, LoraParameters, MixedPrecision, lora_checkpoints,
+                             micro_batch)
 from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb,
                               save_checkpoint, time_per_step, write_metrics)
 
@@ -680,13 +681,13 @@ if CLIP_STAND_IN:
     STAND_INS.append("tiny random CLIP model for the CLIP score (not meaningful)")
     print("STAND-IN:", STAND_INS[-1])
 shuffled = captions[1:] + captions[:1]
-CLIP_BEFORE = clipscore(clip_model, clip_tokenizer, clip_before_images, captions)
-CLIP_AFTER = clipscore(clip_model, clip_tokenizer, clip_after_images, captions)
-CLIP_AFTER_SHUFFLED = clipscore(clip_model, clip_tokenizer, clip_after_images, shuffled)
+CLIP_BEFORE = clip_score(clip_model, clip_tokenizer, clip_before_images, captions)
+CLIP_AFTER = clip_score(clip_model, clip_tokenizer, clip_after_images, captions)
+CLIP_AFTER_SHUFFLED = clip_score(clip_model, clip_tokenizer, clip_after_images, shuffled)
 training_images = torch.stack([dataset[i]["pixel_values"] for i in range(len(captions))]) / 2 + 0.5
-reference = clip_image_features(clip_model, training_images).mean(0)
+reference = clip_image_embeddings(clip_model, training_images).mean(0)
 STYLE_BEFORE, STYLE_AFTER = (
-    F.cosine_similarity(clip_image_features(clip_model, x), reference[None]).mean().item()
+    F.cosine_similarity(clip_image_embeddings(clip_model, x), reference[None]).mean().item()
     for x in (clip_before_images, clip_after_images))
 print(f"CLIP score on {len(captions)} training captions: before {CLIP_BEFORE:.2f}, after "
       f"{CLIP_AFTER:.2f}, after with shuffled captions {CLIP_AFTER_SHUFFLED:.2f}; cosine to the "

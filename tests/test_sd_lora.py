@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from helpers import sd_lora
+from helpers import metrics, sd_lora
 from helpers.environment import gpu_choices
 from helpers.training import count_parameters
 
@@ -521,8 +521,8 @@ def test_clip_score_by_hand():
     texts = torch.stack([2 * cosines[0], 2 * (1 - cosines[0] ** 2).sqrt()])[None]
     texts = torch.cat([texts, torch.stack([(1 - cosines[1] ** 2).sqrt(), cosines[1]])[None] * 5,
                        torch.stack([cosines[2], -(1 - cosines[2] ** 2).sqrt()])[None]])
-    assert sd_lora.clipscore_from_embeddings(images, texts) == pytest.approx(100 * 0.2 / 3, rel=1e-6)
-    assert sd_lora.clipscore_from_embeddings(images, -texts) == 0.0          # mean cosine -0.067 -> 0
+    assert metrics.clip_score_from_embeddings(images, texts) == pytest.approx(100 * 0.2 / 3, rel=1e-6)
+    assert metrics.clip_score_from_embeddings(images, -texts) == 0.0          # mean cosine -0.067 -> 0
 
 
 def test_clip_preprocessing_is_clips(tmp_path):
@@ -538,10 +538,10 @@ def test_clip_preprocessing_is_clips(tmp_path):
     image = image.clamp(0, 1)
     uint8 = (image * 255).round().to(torch.uint8)
     reference = processor(images=uint8, return_tensors="pt", do_convert_rgb=False).pixel_values
-    ours = sd_lora.clip_pixels(uint8[None].float() / 255, size)
+    ours = metrics.clip_pixels(uint8[None].float() / 255, size)
     assert ours.shape == reference.shape == (1, 3, size, size)
     # the processor rounds to 8 bits: up to about 1.5 levels of 255, over CLIP's std (about 0.27)
-    assert (ours - reference).abs().max() <= 1.5 / 255 / min(sd_lora.CLIP_STD)
+    assert (ours - reference).abs().max() <= 1.5 / 255 / min(metrics.CLIP_STD)
 
 
 def test_clip_embeddings_are_the_projected_ones(tmp_path):
@@ -549,10 +549,10 @@ def test_clip_embeddings_are_the_projected_ones(tmp_path):
     # outputs; the stand-in's projections are random 32 x 32 matrices, so the two differ
     model, tokenizer = sd_lora.load_clip(sd_lora.TINY_MODEL_ID, tmp_path, torch.device("cpu"))
     images, captions = torch.rand(2, 3, 40, 40), ["a red circle", "a blue square"]
-    image_embeds = sd_lora.clip_image_features(model, images)
-    text_embeds = sd_lora.clip_text_embeddings(model, tokenizer, captions)
+    image_embeds = metrics.clip_image_embeddings(model, images)
+    text_embeds = metrics.clip_text_embeddings(model, tokenizer, captions)
     with torch.no_grad():
-        pooled = model.vision_model(pixel_values=sd_lora.clip_pixels(images, 32)).pooler_output
+        pooled = model.vision_model(pixel_values=metrics.clip_pixels(images, 32)).pooler_output
         tokens = tokenizer(captions, padding=True, return_tensors="pt")
         text_pooled = model.text_model(**tokens).pooler_output
         expected = model.visual_projection(pooled), model.text_projection(text_pooled)
@@ -561,7 +561,7 @@ def test_clip_embeddings_are_the_projected_ones(tmp_path):
         assert (ours - reference).abs().max() <= 64 * EPS32 * scale
         assert (ours - unprojected).abs().max() > 0.1 * scale
     # an image scored against its own direction: cosine 1 -> 100
-    assert sd_lora.clipscore_from_embeddings(image_embeds, 3 * image_embeds) == pytest.approx(100, rel=1e-6)
+    assert metrics.clip_score_from_embeddings(image_embeds, 3 * image_embeds) == pytest.approx(100, rel=1e-6)
 
 
 # --- tools/bench_sd_lora.py: the timed variants and the T4 estimate in the notebook's header ------
