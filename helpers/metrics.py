@@ -214,22 +214,32 @@ def ssim(fake: Tensor, real: Tensor, data_range: float = 1.0, window: int = 11) 
 # --- text-image agreement: CLIP score (notebooks 04 and 06) ------------------------------------------------------
 
 
-def clip_score_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
-    """CLIP score (Hessel et al. 2021, torchmetrics' form): mean over pairs of 100 * max(cos(image, text), 0)."""
-    cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
-    return (100 * cosine.clamp(min=0)).mean()
+def clip_pixels(images: Tensor, size: int) -> Tensor:
+    """CLIP's preprocessing of images in [0, 1] (N, 3, H, W): the shorter side resized to `size` (bicubic,
+    antialiased), the centre `size` x `size` cropped, normalised by CLIP's mean and standard deviation."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    pixels = TF.resize(images.float(), size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    pixels = TF.center_crop(pixels, [size, size]).clamp(0, 1)  # bicubic overshoots a little
+    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (pixels - mean) / std
+
+
+def clip_score_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> float:
+    """CLIPScore (Hessel et al. 2021, as torchmetrics computes it): max(100 * mean cosine similarity of the
+    image/caption pairs, 0)."""
+    cosine = F.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
+    return max(100 * cosine.mean().item(), 0.0)
 
 
 @torch.no_grad()
 def clip_image_embeddings(model: Any, images: Tensor) -> Tensor:
-    """CLIP image embeddings of images in [0, 1] (N, 3, H, W): resized to the model's input size, normalised as
-    CLIP was trained, projected (transformers CLIPModel)."""
+    """Projected CLIP image embeddings of images in [0, 1] (transformers CLIPModel), after clip_pixels."""
     device = next(model.parameters()).device
-    size = model.config.vision_config.image_size
-    pixels = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False)
-    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-    embeds = model.get_image_features(pixel_values=((pixels.clamp(0, 1) - mean) / std).to(device, model.dtype))
-    return getattr(embeds, "pooler_output", embeds).float()
+    pixels = clip_pixels(images, model.config.vision_config.image_size).to(device, model.dtype)
+    embeds = model.get_image_features(pixel_values=pixels)
+    return getattr(embeds, "pooler_output", embeds).float()  # transformers 5 returns an output object
 
 
 @torch.no_grad()
@@ -242,6 +252,6 @@ def clip_text_embeddings(model: Any, tokenizer: Any, captions: Sequence[str]) ->
 
 
 def clip_score(model: Any, tokenizer: Any, images: Tensor, captions: Sequence[str]) -> float:
-    """CLIP score of images in [0, 1] against their captions with a transformers CLIPModel."""
-    return float(clip_score_from_embeddings(clip_image_embeddings(model, images),
-                                            clip_text_embeddings(model, tokenizer, captions)))
+    """CLIPScore of images in [0, 1] against their captions with a transformers CLIPModel."""
+    return clip_score_from_embeddings(clip_image_embeddings(model, images),
+                                      clip_text_embeddings(model, tokenizer, captions))

@@ -6,12 +6,14 @@ The tiny shapes are the ones diffusers' own tests use; the SD 1.5 UNet config be
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import random
 import re
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -23,6 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+from .environment import GpuChoices
 from .losses import diffusion_snr, noise_prediction_loss
 from .training import History, Stopwatch, checkpoints_like, load_checkpoint, save_checkpoint
 
@@ -73,6 +76,8 @@ REVIEW_H100: dict[tuple[str, bool], tuple[float | None, float]] = {
 }
 REVIEW_UNET_WEIGHTS_GB = {"LoRA": 1.64, "QLoRA": 1.25}  # the same session: fp16 and 4-bit NF4 UNet weights
 HEADROOM_GB = 1.5  # beyond the UNet step: VAE encoding of the batch at 512 px, allocator fragmentation
+# A Colab T4 has 15 GB; CUDA's own context and SD 1.5's fp16 pipeline (2.1 GB) leave about 13 GB free
+T4_FREE_GB = 13.0
 
 
 class ModelLoadError(RuntimeError):
@@ -167,11 +172,30 @@ def load_pipeline(model_id: str, dtype: torch.dtype = torch.float32, device: str
     return pipe.to(device)
 
 
-def mixed_precision_for(device: torch.device) -> str:
-    """'bf16' on GPUs that compute in bf16 natively (compute capability >= 8), 'fp16' on older GPUs (T4), else 'no'."""
-    if device.type != "cuda":
-        return "no"
-    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+@dataclass(frozen=True)
+class MixedPrecision:
+    """How the training step computes: `autocast()` is the context of its forward pass; `scaler` is the fp16
+    loss scaler when the step must apply it itself (None when accelerate does, or in fp32)."""
+
+    autocast: Callable[[], AbstractContextManager]
+    scaler: torch.amp.GradScaler | None
+    description: str
+
+
+def mixed_precision(accelerator: Any, choices: GpuChoices) -> MixedPrecision:
+    """The step's precision from the GPU choices. Where accelerate runs them (CUDA), its autocast and loss
+    scaler; where accelerate refuses (it turns fp16 off on a CPU, as in the T4 emulation), the same built
+    here from `choices`: torch.autocast in fp16 and an enabled torch.amp.GradScaler."""
+    if choices.amp_dtype is None:
+        return MixedPrecision(nullcontext, None, "fp32 (no autocast, no loss scaling)")
+    dtype = str(choices.amp_dtype).removeprefix("torch.")
+    if accelerator.native_amp:
+        scaling = ", loss scaling by accelerate's GradScaler" if accelerator.scaler is not None else ""
+        return MixedPrecision(accelerator.autocast, None, f"{dtype} autocast by accelerate{scaling}")
+    scaler = choices.grad_scaler()
+    return MixedPrecision(choices.autocast, scaler if scaler.is_enabled() else None,
+                          f"{dtype} autocast and an enabled GradScaler built here: accelerate turns "
+                          f"{choices.mixed_precision} mixed precision off on {choices.device.type}")
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
@@ -212,9 +236,12 @@ def lora_parameter_count(unet_config: Mapping[str, Any], rank: int,
     return sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n), base
 
 
-def save_lora(unet: nn.Module, folder: str | os.PathLike, adapter: str = "default") -> Path:
+def save_lora(unet: nn.Module, folder: str | os.PathLike, adapter: str = "default",
+              alpha: float | None = None) -> Path:
     """Save only the LoRA weights, in fp32, with the adapter's config (rank, alpha, targets) as
-    metadata, to folder/pytorch_lora_weights.safetensors; return the file."""
+    metadata, to folder/pytorch_lora_weights.safetensors; return the file. With `alpha`: the same
+    update written with that alpha, each B multiplied by (the adapter's alpha) / alpha, so that
+    (alpha / r) B A is unchanged and only a reload that reads alpha reproduces the model."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -222,6 +249,11 @@ def save_lora(unet: nn.Module, folder: str | os.PathLike, adapter: str = "defaul
     weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
     weights = {name: w.detach().float().cpu().contiguous() for name, w in weights.items()}
     metadata = unet.peft_config[adapter].to_dict()  # without lora_alpha, a reload uses alpha = r
+    if alpha is not None:
+        factor = metadata["lora_alpha"] / alpha
+        weights = {name: w * factor if "lora_B" in name or "lora.up" in name else w
+                   for name, w in weights.items()}
+        metadata["lora_alpha"] = alpha
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=weights,
                                               safe_serialization=True,
                                               unet_lora_adapter_metadata=metadata)
@@ -302,20 +334,27 @@ def diffusion_loss(unet: nn.Module, latents: Tensor, text_states: Tensor, noise_
 
 def lora_training_step(unet: nn.Module, optimizer: torch.optim.Optimizer,
                        micro_batches: Sequence[tuple[Tensor, Tensor]], noise_scheduler: Any,
-                       accelerator: Any, snr_gamma: float | None = None,
-                       max_grad_norm: float = 1.0) -> float:
+                       accelerator: Any, precision: MixedPrecision,
+                       snr_gamma: float | None = None, max_grad_norm: float = 1.0) -> float:
     """One optimizer step on gradients accumulated over micro-batches of (latents, text states):
     each loss divided by their number, then backward (the gradients add up); then clip the gradient
     norm and step. Returns the step's loss (the mean over the micro-batches)."""
+    scaler = precision.scaler  # fp16 loss scaling done here; None: by accelerate, or not needed
     total = torch.zeros((), device=accelerator.device)
     for latents, text_states in micro_batches:
-        with accelerator.autocast():  # fp16/bf16 on a GPU; a no-op on the CPU
+        with precision.autocast():  # fp16 on a T4, bf16 on newer GPUs, a no-op in fp32
             loss = diffusion_loss(unet, latents, text_states, noise_scheduler, snr_gamma)
         loss = loss / len(micro_batches)
-        accelerator.backward(loss)  # scales the loss against fp16 underflow when needed
+        accelerator.backward(loss if scaler is None else scaler.scale(loss))  # no underflow
         total += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients, for clipping
     accelerator.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skips the step if a gradient overflowed
+        scaler.update()  # then lowers the scale; raises it after many good steps
     optimizer.zero_grad(set_to_none=True)
     return total.item()
 
@@ -373,15 +412,16 @@ class LoraRun:
     snapshots: Snapshots = field(default_factory=Snapshots)
 
 
-def training_state(unet: nn.Module, optimizer: Any, run: LoraRun,
-                   accelerator: Any) -> dict[str, Any]:
+def training_state(unet: nn.Module, optimizer: Any, run: LoraRun, accelerator: Any,
+                   precision: MixedPrecision) -> dict[str, Any]:
     """What a checkpoint stores, each object through its own state_dict: the LoRA weights only (a
     view of the UNet's trainable parameters), AdamW, the run's history, stopwatch and snapshots,
     and the fp16 loss scaler."""
     state = {"lora": LoraParameters(accelerator.unwrap_model(unet)), "adamw": optimizer,
              "history": run.history, "stopwatch": run.stopwatch, "snapshots": run.snapshots}
-    if accelerator.scaler is not None:
-        state["scaler"] = accelerator.scaler
+    scaler = precision.scaler or accelerator.scaler
+    if scaler is not None:
+        state["scaler"] = scaler
     return state
 
 
@@ -400,13 +440,18 @@ def step_batches(pipe: Any, dataset: Dataset, step: int, plan: LoraPlan,
 
 
 def train_lora(unet: nn.Module, optimizer: Any, dataset: Dataset, pipe: Any, noise_scheduler: Any,
-               accelerator: Any, run: LoraRun, plan: LoraPlan, sample: Callable[[], Tensor]) -> int:
+               accelerator: Any, precision: MixedPrecision, run: LoraRun, plan: LoraPlan,
+               sample: Callable[[], Tensor]) -> int:
     """Train until plan.steps optimizer steps (or plan.time_limit_s), resuming from the newest
-    checkpoint in plan.folder; log, snapshot and checkpoint on schedule; return the step reached."""
-    state = training_state(unet, optimizer, run, accelerator)
+    checkpoint in plan.folder (and saying so); log, snapshot and checkpoint on schedule; return the
+    step reached."""
+    state = training_state(unet, optimizer, run, accelerator, precision)
     step = 0
     for newest in lora_checkpoints(plan.folder)[-1:]:  # resume when there is a checkpoint
         step = load_checkpoint(newest, state, plan.config, map_location=accelerator.device)["step"]
+        print(f"reusing the finished run in {plan.folder}: {newest.name} reached step {step} of "
+              f"{plan.steps}, so nothing is trained again" if step >= plan.steps else
+              f"resuming from {newest} at step {step} of {plan.steps}")
     started, done = time.perf_counter(), step >= plan.steps
     bar = tqdm(total=plan.steps, initial=step, desc="LoRA training", unit="step")
     unet.train()
@@ -414,7 +459,7 @@ def train_lora(unet: nn.Module, optimizer: Any, dataset: Dataset, pipe: Any, noi
         with run.stopwatch:
             micro_batches = step_batches(pipe, dataset, step, plan, accelerator)
             loss = lora_training_step(unet, optimizer, micro_batches, noise_scheduler, accelerator,
-                                      plan.snr_gamma, plan.max_grad_norm)
+                                      precision, plan.snr_gamma, plan.max_grad_norm)
         step += 1
         run.stopwatch.count(1, plan.batch_size * plan.grad_accum * accelerator.num_processes)
         run.history.log(step, loss=loss)
@@ -442,26 +487,41 @@ def training_memory_gb(batch_size: int, latent_side: int, checkpointing: bool, q
     return measured * batch_size / 2 * (latent_side / 64) ** 2
 
 
-def needs_gradient_checkpointing(free_gb: float, batch_size: int, latent_side: int,
-                                 quantized: bool = False) -> bool:
-    """True when the step without checkpointing, plus HEADROOM_GB, would not fit in `free_gb` of GPU memory."""
-    return training_memory_gb(batch_size, latent_side, False, quantized) + HEADROOM_GB > free_gb
+def free_gpu_memory_gb(device: torch.device) -> float:
+    """Free memory of a CUDA device in GB, after handing PyTorch's cached but unused blocks back to the GPU
+    (without `empty_cache`, memory freed by deleted tensors still counts as used)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0] / 1e9
 
 
-def choose_gradient_checkpointing(device: torch.device, batch_size: int, latent_side: int,
-                                  quantized: bool = False) -> tuple[bool, str]:
-    """Whether to recompute activations in the backward pass (slower, less memory), decided from the GPU's free
-    memory (torch.cuda.mem_get_info) and the step's derived need; and the reason, to print."""
-    if device.type != "cuda":
-        return False, f"{device.type}: no GPU memory to save, so no gradient checkpointing (it only costs time)"
-    free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
-    need = training_memory_gb(batch_size, latent_side, False, quantized) + HEADROOM_GB
-    use = needs_gradient_checkpointing(free_gb, batch_size, latent_side, quantized)
+def decide_gradient_checkpointing(choices: GpuChoices, free_gb: float | None,
+                                  need_gb: float) -> tuple[bool, str]:
+    """Whether to recompute activations in the backward pass (slower, less memory): only on the GPU path,
+    and only when the step's need without it (`need_gb`, headroom included) exceeds `free_gb`; and why."""
+    if not choices.gpu_path or free_gb is None:
+        return False, f"{choices.device.type}: no GPU memory to save, so no gradient checkpointing (it only costs time)"
+    use = need_gb > free_gb
     (slow, _), (fast, _) = REVIEW_H100[("LoRA", True)], REVIEW_H100[("LoRA", False)]
     verdict = ("on: it would not fit without" if use else f"off: it fits without, and checkpointing would "
                f"cost speed ({slow} vs {fast} steps/s on an H100, review session)")
-    return use, (f"the step needs about {need:.1f} GB without gradient checkpointing (derived from an H100 "
+    return use, (f"the step needs about {need_gb:.1f} GB without gradient checkpointing (derived from an H100 "
                  f"measurement), {free_gb:.1f} GB of GPU memory is free: checkpointing {verdict}")
+
+
+def choose_gradient_checkpointing(choices: GpuChoices, batch_size: int, latent_side: int,
+                                  quantized: bool = False) -> tuple[bool, str]:
+    """The gradient-checkpointing decision with this GPU's free memory (a CUDA query). In the T4 emulation,
+    where no CUDA memory can be queried, the decision a T4 with T4_FREE_GB free would take."""
+    need = training_memory_gb(batch_size, latent_side, False, quantized) + HEADROOM_GB
+    free = None
+    if choices.cuda:
+        free = free_gpu_memory_gb(choices.device)
+    elif choices.gpu_path:
+        choices.skip("torch.cuda.mem_get_info (free GPU memory)",
+                     f"the decision of a T4 with {T4_FREE_GB:.0f} GB free")
+        free = T4_FREE_GB
+    return decide_gradient_checkpointing(choices, free, need)
 
 
 # --- QLoRA ---------------------------------------------------------------------------------------
@@ -493,6 +553,14 @@ def load_unet_4bit(model_id: str, compute_dtype: torch.dtype = torch.float16):
                                                     variant=hub_variant(model_id, compute_dtype))
     except Exception as err:
         raise ModelLoadError(f"could not load the UNet of {model_id!r} in 4-bit ({type(err).__name__}: {err})") from err
+
+
+def load_unet(model_id: str, dtype: torch.dtype, device: str | torch.device):
+    """The UNet of `model_id` alone in `dtype` (not quantised): QLoRA's stand-in where bitsandbytes cannot run."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype,
+                                                variant=hub_variant(model_id, dtype)).to(device)
 
 
 # --- captioned images ----------------------------------------------------------------------------
@@ -650,10 +718,12 @@ def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int
 
 
 @torch.no_grad()
-def predict_noise(unet: nn.Module, probe: tuple[Tensor, Tensor, Tensor], accelerator: Any) -> Tensor:
-    """The UNet's prediction for one fixed input (noisy latents z_t, timesteps t, text states c), fp32 on the CPU."""
+def predict_noise(unet: nn.Module, probe: tuple[Tensor, Tensor, Tensor],
+                  autocast: Callable[[], AbstractContextManager] = nullcontext) -> Tensor:
+    """The UNet's prediction for one fixed input (noisy latents z_t, timesteps t, text states c) under
+    `autocast` (the training step's), fp32 on the CPU."""
     latents, timesteps, text_states = probe
-    with accelerator.autocast():
+    with autocast():
         return unet(latents, timesteps, text_states, return_dict=False)[0].float().cpu()
 
 

@@ -6,11 +6,11 @@ the optimisation step, the DFP targets and the diversity measures.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import os
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,22 +20,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.functional import pil_to_tensor
 
+from .downloads import TIMEOUT_S, USER_AGENT, DownloadError, fetch_bytes, fetch_first
 from .losses import content_loss, gram_matrix, style_loss, total_variation_loss
 from .vgg import VGG19Features
 
 CONTENT_LAYERS = ("relu4_2",)
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 MIN_SIDE = 32  # conv5_1 sees the image after 4 poolings (1/16): 32 px leaves it 2 x 2 positions
-URL_TIMEOUT_S = 60  # seconds; a 1280 px painting is 0.3-3 MB
 YIQ_FROM_RGB = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 
 # --- Inputs --------------------------------------------------------------------------------------------------------
 
 SKIMAGE_PREFIX = "skimage:"  # "skimage:chelsea" = skimage.data.chelsea(), shipped with scikit-image (Colab has it)
-USER_AGENT = "genimg-notebooks/1.0 (neural style transfer course notebook; Python urllib)"  # Wikimedia asks for one
+COMMONS = "https://upload.wikimedia.org/wikipedia/commons/"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,23 @@ class Painting:
     year: str
     url: str
     page: str
+
+    @property
+    def sources(self) -> tuple[str, str]:
+        """Where to download it: the file itself, then Wikimedia's own 960 px copy of it (a second server path)."""
+        return self.url, commons_thumbnail(self.url, 960)
+
+
+def commons_thumbnail(url: str, width: int) -> str:
+    """The address of Wikimedia's `width`-px thumbnail of a Commons file, from the file's (or a thumbnail's) address:
+    .../commons/a/ab/NAME becomes .../commons/thumb/a/ab/NAME/<width>px-NAME (Wikimedia serves standard widths)."""
+    if not url.startswith(COMMONS):
+        raise ValueError(f"'{url}' is not a Wikimedia Commons file address (it must start with {COMMONS})")
+    parts = url[len(COMMONS):].split("/")
+    if parts[0] == "thumb":
+        parts = parts[1:4]
+    a, ab, name = parts[:3]
+    return f"{COMMONS}thumb/{a}/{ab}/{name}/{width}px-{name}"
 
 
 PAINTINGS = {
@@ -80,17 +98,47 @@ def is_url(source: str | os.PathLike) -> bool:
     return str(source).lower().startswith(("http://", "https://"))
 
 
-def fetch_url(url: str, role: str = "image", timeout: float = URL_TIMEOUT_S) -> bytes:
-    """Download `url` (with a User-Agent, as Wikimedia requires); a failure says which input it was and what to do."""
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise ConnectionError(
-            f"{role} '{url}' could not be downloaded within {timeout:g} s ({getattr(err, 'reason', err)}); check the "
-            "address and the runtime's internet connection, or download the file yourself and pass its path"
-        ) from err
+def fetch_url(url: str, role: str = "image", timeout: float = TIMEOUT_S) -> bytes:
+    """Download `url` through helpers.downloads (a timeout, the project's User-Agent, which Wikimedia requires);
+    a failure raises DownloadError (a ConnectionError) saying which input it was and what to do."""
+    return fetch_bytes(url, role, timeout)
+
+
+def fetch_painting(key: str, folder: str | os.PathLike, timeout: float = TIMEOUT_S) -> Path:
+    """The painting PAINTINGS[key] as a file in `folder` (e.g. DATA_DIR/paintings): reused when a readable copy is
+    there, else downloaded from its first source that answers (the file, then Wikimedia's 960 px copy). Raises
+    DownloadError listing every source, and what to do, when none answers."""
+    painting = PAINTINGS[key]
+    target = Path(folder) / f"{key}.jpg"
+    if target.is_file():
+        try:
+            decode_image(target.read_bytes(), target)
+            print(f"painting '{painting.title}': reusing {target}")
+            return target
+        except ValueError:
+            print(f"painting '{painting.title}': {target} is not a readable image; downloading it again")
+    fetch_first(painting.sources, target, f"painting '{painting.title}'", timeout)
+    decode_image(target.read_bytes(), target, f"painting '{painting.title}'")  # an error page is no image
+    print(f"painting '{painting.title}': downloaded to {target}")
+    return target
+
+
+def cache_torchvision_weights(weights, role: str, timeout: float = TIMEOUT_S) -> Path:
+    """Download torchvision's `weights` (e.g. VGG19_Weights.IMAGENET1K_V1) through helpers.downloads into the
+    folder where torchvision looks for them (torch.hub's checkpoints), unless they are there; torchvision then
+    loads that file. The file name carries the first hex digits of its SHA-256, which is checked after a download."""
+    name = Path(urllib.parse.urlsplit(weights.url).path).name
+    target = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if target.is_file():
+        return target
+    fetch_first([weights.url], target, role, timeout)
+    expected = name.rsplit("-", 1)[-1].split(".")[0]
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    if not digest.startswith(expected):
+        target.unlink()
+        raise DownloadError(f"{role}: the file from '{weights.url}' is damaged (SHA-256 {digest[:8]}..., expected "
+                            f"{expected}...); run the cell again, or download it yourself to '{target}'")
+    return target
 
 
 def skimage_image(source: str, role: str = "image") -> Image.Image:
@@ -173,7 +221,8 @@ def load_image(source: str | os.PathLike, size: int, role: str = "image",
 
 def describe_source(source: str | os.PathLike) -> str:
     """A short caption for an image source: the painting's title and artist, or the file name."""
-    painting = next((p for p in PAINTINGS.values() if p.url == str(source)), None)
+    painting = next((p for key, p in PAINTINGS.items()
+                     if str(source) in p.sources or Path(str(source)).name == f"{key}.jpg"), None)
     if painting is not None:
         return f"{painting.title} ({painting.artist}, {painting.year})"
     return str(source) if str(source).startswith(SKIMAGE_PREFIX) else os.path.basename(str(source))
@@ -404,6 +453,15 @@ def optimisation_step(objective: StyleObjective, image: StylisedImage,
     return {name: value.detach() for name, value in losses.items()}
 
 
+def run_key(*tensors: Tensor, **settings) -> str:
+    """A short name for one stylisation run: a hash of its input tensors' values and of its settings, so that a
+    saved result is reused only by the same run."""
+    digest = hashlib.sha1(repr(sorted(settings.items())).encode())
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def evaluate(objective: StyleObjective, images: Tensor) -> dict[str, float]:
     """The objective's losses of each image of a batch, averaged, as floats."""
     with torch.no_grad():
@@ -419,6 +477,52 @@ def stylise(objective: StyleObjective, init: Tensor, steps: int, optimizer: str 
     for _ in range(steps):
         optimisation_step(objective, image, opt)
     return image().detach()
+
+
+class HostReadCounter(TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (.item(), float(), bool(), int() of a tensor) while active.
+
+    On a GPU each such read waits for every queued kernel: a host sync. On a CPU nothing waits, but the reads are
+    the same, so counting them checks on any device that an optimizer step would never stall a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def lockstep_differences(objective: StyleObjective, init: Tensor, steps: int, lr: float = 1.0,
+                         history_size: int = 100) -> tuple[list[float], float]:
+    """SyncFreeLBFGS and torch.optim.LBFGS side by side from `init`: after each of `steps` iterations, the largest
+    pixel difference between the two images; and the largest pixel change of one torch iteration (the scale)."""
+    images = {name: StylisedImage(init) for name in ("lbfgs", "torch_lbfgs")}
+    optimizers = {name: make_optimizer(image, name, lr, history_size) for name, image in images.items()}
+    differences, largest_step = [], 0.0
+    for _ in range(steps):
+        before = images["torch_lbfgs"]().detach().clone()
+        for name in images:
+            optimisation_step(objective, images[name], optimizers[name])
+        ours, theirs = images["lbfgs"]().detach(), images["torch_lbfgs"]().detach()
+        largest_step = max(largest_step, float((theirs - before).abs().max()))
+        differences.append(float((ours - theirs).abs().max()))
+    return differences, largest_step
+
+
+def autocast_gradient_error(objective: StyleObjective, reference: StyleObjective, images: Tensor,
+                            loss_scale: float = 1.0) -> float:
+    """|g - g_ref| / |g_ref| for the gradient g of `objective` (e.g. VGG under fp16 autocast) against that of
+    `reference` (float32) at `images`; `loss_scale` multiplies the loss before backward and divides the gradient
+    after it, as a GradScaler does."""
+    grads = []
+    for obj, scale in ((objective, loss_scale), (reference, 1.0)):
+        x = images.detach().clone().requires_grad_(True)
+        (obj(x)["total"] * scale).backward()
+        grads.append(x.grad.double() / scale)
+    return float((grads[0] - grads[1]).norm() / grads[1].norm())
 
 
 # --- Multi-modal transfer: deep feature perturbation (DFP, Wang et al. CVPR 2020) -------------------------------

@@ -3,14 +3,15 @@ the attribute classifier behind caption accuracy, Oxford-102 Flowers captions, a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
 import tarfile
+import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .downloads import TIMEOUT_S, DownloadError, fetch_first, open_url
 from .losses import (feature_matching_mse, gan_cls_discriminator_loss, gan_cls_generator_loss,
                      interpolate_embeddings, l1_image_loss, mode_seeking_loss)
 from .training import History, Stopwatch, load_checkpoint, save_checkpoint
@@ -405,11 +407,18 @@ def derangement(n: int, generator: torch.Generator) -> Tensor:
 
 FLOWERS_CAPTIONS_DRIVE = {"id": "0B0ywwgffWnLLcms2WWJQRFNSWXM", "resourcekey": "0-Av8zFbeDDvNcF1sSjDR32w"}
 FLOWERS_CAPTIONS_ENV = "T2I_FLOWERS_CAPTIONS"  # a local archive or folder, or the URL of a copy of the archive
+SHAPES_INSTEAD = "or set T2I_DATASET=shapes to train on the built-in shapes dataset (no download)"
 FLOWERS_CAPTIONS_HELP = (
     "download Reed et al.'s cvpr2016_flowers.tar.gz by hand from "
     "https://drive.google.com/file/d/0B0ywwgffWnLLcms2WWJQRFNSWXM/view?resourcekey=0-Av8zFbeDDvNcF1sSjDR32w "
     f"(linked from github.com/reedscot/icml2016), then set {FLOWERS_CAPTIONS_ENV} to the archive (or to the folder "
-    "that holds text_c10) and run again")
+    f"that holds text_c10) and run again; {SHAPES_INSTEAD}")
+FLOWERS102_SOURCES = ["https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"]  # the Visual Geometry Group, Oxford
+FLOWERS102_FILES = {  # file -> md5, the sums torchvision's Flowers102 checks
+    "102flowers.tgz": "52808999861908f626f3c1f4e79d11fa",
+    "imagelabels.mat": "e0620be6f572b9609742df49c70aed4d",
+    "setid.mat": "a5357ecc9cb78c4bef273ce3793fc85c",
+}
 
 
 def drive_download_urls(file_id: str, resource_key: str) -> list[str]:
@@ -455,10 +464,11 @@ def drive_confirmation_url(page: str, page_url: str) -> str | None:
     return urllib.parse.urljoin(page_url, parser.link) if parser.link else None
 
 
-def download_drive_file(url: str, path: Path, timeout: float = 60.0) -> Path:
-    """Stream `url` to `path`, following one Drive 'download anyway' page; a ValueError if HTML comes instead."""
+def download_drive_file(url: str, path: Path, timeout: float = TIMEOUT_S) -> Path:
+    """Stream `url` to `path` (the project's User-Agent and timeout, helpers.downloads.open_url), following one
+    Drive 'download anyway' page; a ValueError if HTML comes instead."""
     for _ in range(2):
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with open_url(url, timeout) as response:
             if not response.headers.get_content_type().startswith("text/html"):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as out:
@@ -485,7 +495,7 @@ def unpack_captions_archive(archive: Path, target: Path) -> None:
 
 
 def download_flowers_captions(root: str | os.PathLike, urls: Sequence[str] | None = None,
-                              timeout: float = 60.0) -> Path:
+                              timeout: float = TIMEOUT_S) -> Path:
     """Reed et al.'s flower captions (text_c10) in root/flowers-captions: from ${FLOWERS_CAPTIONS_ENV} (a folder,
     archive or URL) or else from Google Drive (`urls`: where to try, default drive_download_urls); the folder."""
     target = Path(root) / "flowers-captions"
@@ -503,15 +513,56 @@ def download_flowers_captions(root: str | os.PathLike, urls: Sequence[str] | Non
         try:
             archive = download_drive_file(url, target / "captions-archive", timeout)
             break
-        except (OSError, ValueError) as err:
-            errors.append(f"{url.split('?')[0]}: {err}")
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            errors.append(f"{url.split('?')[0]}: {getattr(err, 'reason', err)}")
+            print(f"flowers captions: '{url.split('?')[0]}' failed ({errors[-1]})")
     if archive is None:
-        raise RuntimeError(f"the flowers captions could not be downloaded ({'; '.join(errors)}); {FLOWERS_CAPTIONS_HELP}")
+        raise DownloadError(f"the flowers captions could not be downloaded from any of their {len(errors)} sources "
+                            f"within {timeout:g} s each ({'; '.join(errors)}); {FLOWERS_CAPTIONS_HELP}")
     unpack_captions_archive(archive, target)
     if not any(target.rglob("text_c10")):
         raise RuntimeError(f"'{archive}' holds no text_c10 folder, so it is not Reed et al.'s flowers captions; "
                            f"{FLOWERS_CAPTIONS_HELP}")
     return target
+
+
+def md5_of(path: Path) -> str:
+    """The md5 sum of a file, read in 1 MiB pieces."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def download_flowers102(root: str | os.PathLike, sources: Sequence[str] = FLOWERS102_SOURCES,
+                        timeout: float = TIMEOUT_S) -> Path:
+    """Oxford-102 Flowers (images, labels, official splits) in root/flowers-102, where torchvision's Flowers102
+    reads it: each file from the first of `sources` (folder URLs) that answers, through helpers.downloads
+    (timeout, User-Agent), its md5 checked; the image archive unpacked to jpg/. Files already there are kept."""
+    folder = Path(root) / "flowers-102"
+    for name, md5 in FLOWERS102_FILES.items():
+        path = folder / name
+        if (name.endswith(".tgz") and (folder / "jpg").is_dir()) or (path.is_file() and md5_of(path) == md5):
+            continue
+        try:
+            fetch_first([source + name for source in sources], path, f"Oxford-102 Flowers {name}", timeout)
+        except DownloadError as err:
+            raise DownloadError(f"{err}\n(the folder torchvision reads: '{folder}'); {SHAPES_INSTEAD}") from err
+        if md5_of(path) != md5:
+            path.unlink()
+            raise DownloadError(f"Oxford-102 Flowers {name} arrived damaged (md5 {md5} expected); run the cell "
+                                f"again, or download it yourself from {sources[0]}{name} to '{path}'; "
+                                f"{SHAPES_INSTEAD}")
+        if name.endswith(".tgz"):
+            unpacking = folder / "unpacking"
+            shutil.rmtree(unpacking, ignore_errors=True)
+            with tarfile.open(path) as tar:
+                tar.extractall(unpacking, filter="data")
+            os.replace(unpacking / "jpg", folder / "jpg")  # whole, or not at all (an interrupted unpack)
+            shutil.rmtree(unpacking)
+            path.unlink()
+    return folder
 
 
 def load_flowers_captions(folder: str | os.PathLike) -> dict[str, list[str]]:
@@ -554,8 +605,9 @@ class FlowersWithCaptions(torch.utils.data.Dataset):
 
         keep = set(classes)
         self.files, self.labels = [], []
+        download_flowers102(root)
         for split in ("train", "val", "test"):
-            ds = datasets.Flowers102(root, split=split, download=True)
+            ds = datasets.Flowers102(root, split=split, download=False)
             for file, label in zip(ds._image_files, ds._labels):
                 if label in keep and Path(file).stem in captions:
                     self.files.append(Path(file))
@@ -728,6 +780,11 @@ def same_caption_pixel_distance(data: CaptionedImageSet | FlowersWithCaptions, n
     return (data.image_batch(idx) - data.image_batch(mates)).abs().mean().item()
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """torch.autocast on `device` in `amp_dtype`; switched off when `amp_dtype` is None (float32)."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
 def auxiliary_class_loss(D: Discriminator, features: Tensor, labels: Tensor) -> Tensor:
     """TAC-GAN's term: cross-entropy of D's class heads on image features (B, C, 4, 4) against the
     labels (B, K), summed over the K heads."""
@@ -739,16 +796,18 @@ def auxiliary_class_loss(D: Discriminator, features: Tensor, labels: Tensor) -> 
 def gan_cls_discriminator_step(D: Discriminator, opt_d: torch.optim.Optimizer,
                                scaler: torch.amp.GradScaler, images: Tensor, fake: Tensor,
                                h: Tensor, h_wrong: Tensor, labels: Tensor,
-                               recipe: TextToImageRecipe) -> dict[str, Tensor]:
+                               recipe: TextToImageRecipe,
+                               amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """GAN-CLS: (real image, right text) -> real; (real, wrong text) and (fake, right text) -> fake;
-    with recipe.auxiliary, D's class heads also learn the labels of the real images."""
-    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+    with recipe.auxiliary, D's class heads also learn the labels of the real images. `amp_dtype`:
+    the autocast dtype (float16 on a T4, with an enabled `scaler`; None: float32)."""
+    with autocast(images.device, amp_dtype):
         s_r, real_features = D(images, h)
         s_w, _ = D(images, h_wrong)
         s_f, _ = D(fake.detach(), h)
-    loss = gan_cls_discriminator_loss(s_r.float(), s_w.float(), s_f.float())
-    if recipe.auxiliary:
-        loss = loss + recipe.auxiliary * auxiliary_class_loss(D, real_features, labels)
+        loss = gan_cls_discriminator_loss(s_r.float(), s_w.float(), s_f.float())
+        if recipe.auxiliary:  # inside autocast: the heads read the features in their dtype
+            loss = loss + recipe.auxiliary * auxiliary_class_loss(D, real_features, labels)
     opt_d.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt_d)
@@ -760,9 +819,10 @@ def gan_cls_discriminator_step(D: Discriminator, opt_d: torch.optim.Optimizer,
 def gan_cls_generator_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
                            scaler: torch.amp.GradScaler, images: Tensor, z: Tensor, fake: Tensor,
                            h: Tensor, labels: Tensor,
-                           recipe: TextToImageRecipe) -> dict[str, Tensor]:
+                           recipe: TextToImageRecipe,
+                           amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """GAN-CLS generator loss against D after its step, plus the weighted terms of `recipe`."""
-    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+    with autocast(images.device, amp_dtype):
         s_f, fake_features = D(fake, h)
         terms = {"gan": gan_cls_generator_loss(s_f.float())}
         if recipe.gan_int:
@@ -793,29 +853,37 @@ def gan_cls_generator_step(G: Generator, D: Discriminator, opt_g: torch.optim.Op
 def gan_cls_train_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer,
                        opt_d: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: Tensor,
                        h: Tensor, h_wrong: Tensor, labels: Tensor,
-                       recipe: TextToImageRecipe) -> dict[str, Tensor]:
+                       recipe: TextToImageRecipe,
+                       amp_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """One iteration: fakes from fresh noise (D.pack per caption), a discriminator step, then a
-    generator step."""
+    generator step; under autocast in `amp_dtype` if one is given."""
     z = torch.randn(len(images) * D.pack, G.z_dim, device=images.device)
-    with torch.autocast(images.device.type, enabled=scaler.is_enabled()):
+    with autocast(images.device, amp_dtype):
         fake = packed(G(z, h.repeat(D.pack, 1)), D.pack)
     scalars = gan_cls_discriminator_step(D, opt_d, scaler, images, fake, h, h_wrong, labels,
-                                         recipe)
+                                         recipe, amp_dtype)
     scalars.update(gan_cls_generator_step(G, D, opt_g, scaler, images, z, fake, h, labels,
-                                          recipe))
+                                          recipe, amp_dtype))
     scaler.update()
     return scalars
 
 
 @dataclass
 class TextToImageSchedule:
-    """How long the loop runs; when it halves the learning rate, keeps samples, checkpoints."""
+    """How long the loop runs; when it halves the learning rate, logs, keeps samples, saves."""
 
     iterations: int
     lr: float = 2e-4
     lr_halving_every: int = 10**9
     snapshot_every: int = 500
     checkpoint_every: int = 500
+    log_every: int = 1  # History gets the mean of each window of log_every iterations
+
+    def logs_at(self, step: int) -> bool:
+        """True where a window of logged means closes: every log_every iterations, at a checkpoint
+        (so a resumed run logs what a straight one does) and at the end."""
+        return (step % self.log_every == 0 or step % self.checkpoint_every == 0
+                or step == self.iterations)
 
 
 @dataclass
@@ -841,25 +909,33 @@ class TextToImageRun:
 
 def train_text_to_image(state: dict, batch_at: Callable[[int], tuple[Tensor, ...]],
                         recipe: TextToImageRecipe, schedule: TextToImageSchedule, checkpoint: Path,
-                        config: dict, fixed: tuple[Tensor, Tensor]) -> TextToImageRun:
+                        config: dict, fixed: tuple[Tensor, Tensor],
+                        amp_dtype: torch.dtype | None = None) -> TextToImageRun:
     """Train to schedule.iterations, first resuming from `checkpoint` if it exists. `state`
     holds G, D, opt_g, opt_d, scaler, run; batch_at(i) is iteration i's (images, h, h_wrong,
-    labels)."""
+    labels); `amp_dtype`: the steps' autocast dtype (None: float32). History gets the losses' mean
+    over each window of schedule.log_every iterations, read from the device once per window."""
     G, D, run = state["G"], state["D"], state["run"]
     if checkpoint.exists():
         load_checkpoint(checkpoint, state, config)
-        print(f"resumed from {checkpoint} at iteration {run.step:,}")
+        print(f"reusing the finished run in {checkpoint} ({run.step:,} iterations)"
+              if run.step >= schedule.iterations else f"resuming from {checkpoint} at {run.step:,}")
+    window: list[dict[str, Tensor]] = []  # this window's losses, still on the device
     for step in tqdm(range(run.step + 1, schedule.iterations + 1), "training", initial=run.step,
                      total=schedule.iterations):
         lr = schedule.lr * 0.5 ** ((step - 1) // schedule.lr_halving_every)
         for group in [*state["opt_g"].param_groups, *state["opt_d"].param_groups]:
             group["lr"] = lr
         images, h, h_wrong, labels = batch_at(step)
-        with run.stopwatch:
+        with run.stopwatch:  # the wait for the device at a logged step counts as training time
             scalars = gan_cls_train_step(G, D, state["opt_g"], state["opt_d"], state["scaler"],
-                                         images, h, h_wrong, labels, recipe)
+                                         images, h, h_wrong, labels, recipe, amp_dtype)
+            window.append(scalars)
+            if schedule.logs_at(step):  # the one read from the device in this window
+                run.history.log(step, **{k: torch.stack([s[k] for s in window]).mean()
+                                         for k in scalars})
+                window = []
         run.stopwatch.count(1, len(images))
-        run.history.log(step, **scalars)
         run.step = step
         if step % schedule.snapshot_every == 0 or step == schedule.iterations:
             run.snapshots[step] = generate(G, *fixed)

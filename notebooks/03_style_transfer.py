@@ -17,10 +17,10 @@
 # style image works, by path, URL or `skimage:NAME`.
 #
 # **Run time.** CPU smoke mode (`SMOKE=1`, what CI runs; 48 px, random-weight VGG19 as an offline stand-in, so its
-# pictures are not meaningful): 18.5 to 33.8 s measured in CI's two environments, on 2 CPU cores shared with
-# other jobs (load average 4.7 to 6.6). Colab T4, full mode (ImageNet VGG19, 512×341 px, about 5,000 L-BFGS
-# iterations in all): not measured; derived as 3 to 6 minutes of GPU time: each iteration is 268.6 GFLOP (counted
-# with `torch.utils.flop_counter` on this notebook's objective at 512×341), 5,040 iterations are 1,354 TFLOP, which a
+# pictures are not meaningful): 25 to 45 s measured on 2 CPU cores shared with other jobs. Colab T4, full
+# mode (ImageNet VGG19, 512×341 px, about 5,000 L-BFGS iterations in all): not measured; derived as 3 to 6
+# minutes of GPU time: each iteration is 268.6 GFLOP (counted with `torch.utils.flop_counter` on this
+# notebook's objective at 512×341), 5,040 iterations are 1,354 TFLOP, which a
 # T4 (8.1 TFLOP/s fp32 peak) needs 2.8 minutes for at its peak and about 5.6 minutes at half of it; plus a one-time
 # download of VGG19 (548 MB) and AlexNet for LPIPS (233 MB). Section 10 times the optimiser on your runtime.
 
@@ -30,8 +30,9 @@
 # ## 1. Parameters
 # Every knob is here; the smoke-mode value stands beside the full one. The content and style accept a path, an
 # http(s) URL or `skimage:NAME` (an image shipped with scikit-image); the environment variables `CONTENT_IMAGE` and
-# `STYLE_IMAGE` override them. In full mode the style is a painting from `PAINTINGS` (downloaded once per runtime,
-# with a timeout); smoke mode downloads nothing and uses scikit-image pictures as stand-ins, and says so.
+# `STYLE_IMAGE` override them. In full mode the style is a painting from `PAINTINGS`, downloaded once into
+# `DATA_DIR/paintings` (with a timeout, and from a second address when the first fails); smoke mode downloads
+# nothing and uses scikit-image pictures as stand-ins, and says so.
 
 # %%
 import math
@@ -42,15 +43,19 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models import AlexNet_Weights, VGG19_Weights
 from tqdm.auto import tqdm
 
-from helpers.environment import (describe_device, in_colab, pick_device, run_dir, seed_everything,
-                                 smoke_mode, use_drive_for_runs)
+from helpers.downloads import DownloadError
+from helpers.environment import (data_dir, describe_device, gpu_choices, in_colab, pick_device,
+                                 run_dir, seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.plotting import save_figure, show_image_table, show_panels
-from helpers.style import (PAINTING_STAND_INS, PAINTINGS, check_objective_layers,
-                           describe_source, evaluate, feature_covariance, feature_diversity,
-                           initial_image, keep_colours, load_image, lpips_diversity,
-                           luminance_image, make_optimizer, pixel_diversity, rgb_to_yiq)
+from helpers.style import (PAINTING_STAND_INS, PAINTINGS, HostReadCounter,
+                           autocast_gradient_error, cache_torchvision_weights,
+                           check_objective_layers, describe_source, evaluate,
+                           feature_covariance, feature_diversity, fetch_painting, initial_image,
+                           keep_colours, load_image, lockstep_differences, lpips_diversity,
+                           luminance_image, make_optimizer, pixel_diversity, rgb_to_yiq, run_key)
 from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint,
                               save_checkpoint, synchronize, time_per_step, write_metrics)
 from helpers.vgg import STAND_IN_NOTE, VGG19Features
@@ -61,10 +66,7 @@ RUN_DIR_ON_DRIVE = False               # True in Colab: runs go to Google Drive,
 SEED = 0
 PAINTING = "starry_night"              # the style: a key of PAINTINGS (public domain, on Wikimedia)
 CONTENT_IMAGE = os.environ.get("CONTENT_IMAGE", "skimage:chelsea")  # path, URL or skimage:NAME
-STYLE_IMAGE = os.environ.get("STYLE_IMAGE") or (
-    PAINTING_STAND_INS[PAINTING] if SMOKE else PAINTINGS[PAINTING].url)  # smoke: offline stand-in
-GALLERY = {key: PAINTING_STAND_INS[key] if SMOKE else painting.url   # the other paintings
-           for key, painting in PAINTINGS.items() if key != PAINTING}
+STYLE_IMAGE = os.environ.get("STYLE_IMAGE", "")  # empty: PAINTING (smoke: its stand-in)
 GRAY_STYLE_IMAGE = "skimage:gravel"    # a grayscale texture, to show the gray -> RGB conversion
 IMAGE_SIZE = 48 if SMOKE else 512      # longer side in px, aspect ratio kept (chelsea: 512x341)
 
@@ -99,23 +101,52 @@ DFP_LAYERS = STYLE_LAYERS              # layers whose features are perturbed and
 LPIPS_NET = None if SMOKE else "alex"  # LPIPS backbone (downloads AlexNet); smoke: skipped
 TIMING_WARMUP = 2 if SMOKE else HISTORY_SIZE  # warm-up fills the L-BFGS memory first
 TIMING_ITERATIONS = 3 if SMOKE else 20
+LOCKSTEP_STEPS = 3                     # first iterations in which both L-BFGS versions must agree
+LOCKSTEP_TOLERANCE = 1e-4              # ... to this fraction of an iteration's largest change
+LOSS_MARGIN = 0.20                     # SyncFreeLBFGS's final loss: at most 20 % above torch's
+LOSS_SCALE = 2.0**7                    # the loss scale tried with fp16 in section 10
 
 use_drive_for_runs(RUN_DIR_ON_DRIVE)   # mounts Drive and sets $RUN_DIR there (Colab only)
 
 DEVICE = pick_device()
 RUN_DIR = run_dir(NOTEBOOK)            # $RUN_DIR/<notebook>: checkpoint, figures, metrics.json
 CHECKPOINT = RUN_DIR / "gatys_checkpoint.pt"
-CHANNELS_LAST = DEVICE.type == "cuda"  # cuDNN's faster layout for convolutions
-VGG_AUTOCAST = None                    # torch.bfloat16 / torch.float16: see section 10
-if DEVICE.type == "cuda":
+CHOICES = gpu_choices(DEVICE)          # the GPU path's decisions (a T4's with EMULATE_T4=1)
+CHANNELS_LAST = CHOICES.channels_last  # the memory layout that fast GPU convolutions prefer
+VGG_AUTOCAST = None                    # float32; section 10 shows what fp16/bf16 do to the gradient
+if CHOICES.cuda:
     torch.backends.cudnn.benchmark = True  # one image size throughout: autotune the kernels
+elif CHOICES.emulated:
+    CHOICES.skip("cuDNN autotuning (torch.backends.cudnn.benchmark)", "the CPU's convolutions")
 STAND_INS = [] if PRETRAINED else [STAND_IN_NOTE]
-if STYLE_IMAGE == PAINTING_STAND_INS[PAINTING]:
-    STAND_INS.append(f"style: {STYLE_IMAGE} stands in for the painting "
-                     f"'{PAINTINGS[PAINTING].title}' (smoke mode downloads nothing)")
 seed_everything(SEED)
 print(f"mode: {'smoke' if SMOKE else 'full'} | device: {describe_device(DEVICE)} | run: {RUN_DIR}")
-print("fast path:", "channels-last VGG, cuDNN autotuning" if CHANNELS_LAST else "none (CPU, fp32)")
+print("GPU path:", CHOICES.describe(), "| VGG in float32" if VGG_AUTOCAST is None else "")
+
+# %% [markdown]
+# **The paintings.** Each painting is downloaded once into `DATA_DIR/paintings` and reused after that. If
+# Wikimedia's first address fails, its 960 px copy of the same file is tried. If a painting of the gallery
+# (section 8) still fails, it is left out with a message; the main painting must load.
+
+# %%
+def painting_source(key: str) -> str:
+    """The painting's file (downloaded once); in smoke mode its stand-in, listed in STAND_INS."""
+    if SMOKE:
+        STAND_INS.append(f"style: {PAINTING_STAND_INS[key]} stands in for the painting "
+                         f"'{PAINTINGS[key].title}' (smoke mode downloads nothing)")
+        return PAINTING_STAND_INS[key]
+    return str(fetch_painting(key, data_dir() / "paintings"))
+
+
+STYLE_IMAGE = STYLE_IMAGE or painting_source(PAINTING)
+GALLERY, LEFT_OUT = {}, []             # the other paintings, for section 8
+for key in PAINTINGS:
+    if key != PAINTING:
+        try:
+            GALLERY[key] = painting_source(key)
+        except DownloadError as err:
+            print(f"LEFT OUT of the gallery: {err}")
+            LEFT_OUT.append(f"{PAINTINGS[key].title}: download failed")
 for note in STAND_INS:
     print("STAND-IN:", note)
 
@@ -208,6 +239,8 @@ show_panels({f"content: {describe_source(CONTENT_IMAGE)}": content,
 
 # %%
 seed_everything(SEED)  # the random-weight stand-in must be rebuilt identically for the reload check
+if PRETRAINED:  # download once (548 MB) into torchvision's cache, with a timeout
+    cache_torchvision_weights(VGG19_Weights.IMAGENET1K_V1, "VGG19's ImageNet weights")
 vgg = VGG19Features([*CONTENT_LAYERS, *STYLE_LAYERS], PRETRAINED, POOLING).to(DEVICE)
 if CHANNELS_LAST:
     vgg = vgg.to(memory_format=torch.channels_last)
@@ -286,9 +319,10 @@ assert shuffled_content > 0.1
 
 # %% [markdown]
 # Every objective of this notebook has the parameters cell's layers and weights; only the images, $\beta$ and
-# the DFP targets change. The claim of the relative units, checked: with every feature map set to zero, each
-# style layer's loss times its weight is exactly $w_l$, so the style term is $\sum_l w_l = 1$, and the content
-# term is 1.
+# the DFP targets change. The claim of the relative units, checked: a loss says what fraction of the target's
+# energy is missing. Feature maps at half the content's give a relative content loss of
+# $\overline{(P/2 - P)^2}/\overline{P^2} = 1/4$. Half the style's features give Gram matrices $A_l/4$, so each
+# style layer scores $w_l \cdot \tfrac14\overline{(A_l/4 - A_l)^2} / \tfrac14\overline{A_l^2} = (3/4)^2\,w_l$.
 
 # %%
 def make_objective(content_img: Tensor, style_img: Tensor, beta: float = STYLE_WEIGHT,
@@ -302,17 +336,18 @@ def make_objective(content_img: Tensor, style_img: Tensor, beta: float = STYLE_W
 
 
 objective = make_objective(content, style_image)
-zero_maps = {n: torch.zeros_like(t) for n, t in zip(CONTENT_LAYERS, objective.content_targets)}
-zero_style = [lw * style_layer_loss(torch.zeros(1, a.shape[-1], 2, 2, device=DEVICE), a)
-              for lw, a in zip(objective.layer_weights, objective.gram_targets)]
-zero_content = relative_feature_loss(zero_maps, CONTENT_LAYERS, objective.content_targets,
+style_maps = features_by_name(vgg, style_image)
+half_content = {n: t / 2 for n, t in zip(CONTENT_LAYERS, objective.content_targets)}
+half_style = [lw * style_layer_loss(style_maps[n] / 2, a) for n, lw, a in
+              zip(STYLE_LAYERS, objective.layer_weights, objective.gram_targets)]
+content_half = relative_feature_loss(half_content, CONTENT_LAYERS, objective.content_targets,
                                      objective.content_scales)
-print(f"all-zero feature maps: relative content loss {float(zero_content):.4f}, "
-      f"relative style loss {float(sum(zero_style)):.4f} (per layer: "
-      f"{', '.join(f'{float(v):.3f}' for v in zero_style)})")
-assert math.isclose(float(zero_content), 1.0, rel_tol=1e-5)
-assert all(math.isclose(float(v), lw, rel_tol=1e-5)
-           for v, lw in zip(zero_style, STYLE_LAYER_WEIGHTS))
+print(f"feature maps at half the targets: relative content loss {float(content_half):.4f} "
+      f"(expected 0.25), style loss per layer {', '.join(f'{float(v):.4f}' for v in half_style)} "
+      f"(expected {0.75**2 / len(STYLE_LAYERS):.4f} each)")
+assert math.isclose(float(content_half), 0.25, rel_tol=1e-4)
+assert all(math.isclose(float(v), 0.75**2 * lw, rel_tol=1e-4)
+           for v, lw in zip(half_style, STYLE_LAYER_WEIGHTS))
 
 # %% [markdown]
 # ## 7. Optimising the image
@@ -413,18 +448,48 @@ print("final losses (relative units):", {k: round(v, 4) for k, v in final.items(
 # deviation; the optimisation runs on the gray luminance images; the result's luminance Y is put back with the
 # content's colour channels I and Q. The claim to check: the colours (I, Q) stay the photo's (up to the clipping
 # to valid RGB) while the luminance changed.
+#
+# `run_stylisation` saves each finished image in `RUN_DIR/stylisations`. When you run the notebook again with the
+# same settings, it reuses these images instead of computing them again, and says so.
 
 # %%
+SAVED_RUNS = RUN_DIR / "stylisations"  # every finished run's image: a second Run all reuses them
+runs_done = {"reused": 0, "computed": 0}
+
+
 def run_stylisation(content_img: Tensor, style_img: Tensor, steps: int, beta: float = STYLE_WEIGHT,
                     seed: int = SEED, feature_targets: Sequence[Tensor] = ()) -> tuple:
-    """One Gatys run (DFP run, with feature targets) from a seeded random start: image, losses."""
+    """One Gatys run (DFP run, with feature targets) from a seeded random start: image, losses.
+    A run saved in RUN_DIR by an earlier Run all, with the same inputs and settings, is reused."""
     obj = make_objective(content_img, style_img, beta, feature_targets)
-    out = stylise(obj, initial_image(content_img, INIT, seed), steps, OPTIMIZER, LEARNING_RATE)
+    key = run_key(content_img, style_img, *feature_targets, steps=steps, beta=beta, seed=seed,
+                  dfp_weight=DFP_WEIGHT, config=CONFIG)
+    path = SAVED_RUNS / f"{key}.pt"
+    if path.is_file():
+        out = torch.load(path, map_location=DEVICE)
+        runs_done["reused"] += 1
+    else:
+        out = stylise(obj, initial_image(content_img, INIT, seed), steps, OPTIMIZER, LEARNING_RATE)
+        SAVED_RUNS.mkdir(exist_ok=True)
+        torch.save(out.cpu(), path.with_suffix(".part"))
+        path.with_suffix(".part").replace(path)  # a run cut short leaves no half file
+        runs_done["computed"] += 1
     return out, evaluate(obj, out)
 
 
+def say_reused() -> None:
+    """Print how many runs of the cell were reused from an earlier Run all, then reset the count."""
+    if runs_done["reused"]:
+        print(f"reusing {runs_done['reused']} finished run(s) saved in {SAVED_RUNS} (same inputs "
+              f"and settings, by an earlier Run all or an earlier cell); "
+              f"{runs_done['computed']} computed now")
+    runs_done.update(reused=0, computed=0)
+
+
+# %%
 gray_content, gray_style_matched = luminance_image(content), luminance_image(style_image, content)
 luminance_result, _ = run_stylisation(gray_content, gray_style_matched, SWEEP_STEPS)
+say_reused()
 colour_kept = keep_colours(luminance_result, content)
 yiq_kept, yiq_content = rgb_to_yiq(colour_kept), rgb_to_yiq(content)
 chroma_error = float((yiq_kept[:, 1:] - yiq_content[:, 1:]).abs().mean())
@@ -463,6 +528,7 @@ plt.show()
 # %%
 sweep = {beta: run_stylisation(content, style_image, SWEEP_STEPS, beta)
          for beta in tqdm(SWEEP_STYLE_WEIGHTS, desc="style-weight sweep")}
+say_reused()
 show_panels({f"beta = {beta:g}\ncontent {m['content']:.2f}, style {m['style']:.3f}": img
              for beta, (img, m) in sweep.items()},
             "Style-weight sweep (alpha = 1; losses in relative units)"
@@ -482,6 +548,8 @@ assert high["style"] < low["style"] and high["content"] > low["content"], \
 
 # %%
 gallery = {}
+for note in LEFT_OUT:
+    print("left out (see the parameters section):", note)
 for key, source in tqdm(GALLERY.items(), desc="other paintings"):
     painting = load_image(source, IMAGE_SIZE, f"style image {key}", DEVICE)
     start = initial_image(content, INIT, SEED)
@@ -490,8 +558,10 @@ for key, source in tqdm(GALLERY.items(), desc="other paintings"):
     assert losses_k["style"] < at_start["style"], f"{key}: the style loss must fall"
     gallery[f"style: {describe_source(source)}"] = painting
     gallery[f"result: relative style loss {losses_k['style']:.3f}"] = image_k
-show_panels(gallery, "The photo in the style of other paintings" + (" (STAND-INS)" * SMOKE),
-            RUN_DIR / "03_gallery.png", value_range=(0, 1), size=3.0)
+say_reused()
+if gallery:
+    show_panels(gallery, "The photo in the style of other paintings" + (" (STAND-INS)" * SMOKE),
+                RUN_DIR / "03_gallery.png", value_range=(0, 1), size=3.0)
 
 # %% [markdown]
 # ## 9. Multi-modal style transfer: deep feature perturbation (DFP, Wang et al. CVPR 2020)
@@ -561,19 +631,37 @@ for k in tqdm(range(K), desc="DFP and seeds-only runs"):
     dfp_runs.append(run_stylisation(content, style_image, MULTI_STEPS, seed=SEED + k,
                                     feature_targets=targets))
     seed_runs.append(run_stylisation(content, style_image, MULTI_STEPS, seed=SEED + k))
+say_reused()
 sets = {name: torch.cat([img for img, _ in runs])
         for name, runs in (("dfp", dfp_runs), ("seeds_only", seed_runs))}
 diversity = {name: {"vgg": feature_diversity(images, vgg), "pixel": pixel_diversity(images)}
              for name, images in sets.items()}
 mean_losses = {name: {key: sum(m[key] for _, m in runs) / K for key in ("content", "style")}
                for name, runs in (("dfp", dfp_runs), ("seeds_only", seed_runs))}
-if LPIPS_NET:  # the DFP paper's measure; needs ImageNet weights of the backbone (a download)
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-    lpips = LearnedPerceptualImagePatchSimilarity(net_type=LPIPS_NET, normalize=True).to(DEVICE)
-    for name, images in sets.items():
+
+
+# %%
+def load_lpips():
+    """torchmetrics' LPIPS (AlexNet), or None with the reason when its weights cannot be had."""
+    if LPIPS_NET is None:
+        return None, "LPIPS diversity skipped in smoke mode (its AlexNet weights need a download)"
+    try:
+        cache_torchvision_weights(AlexNet_Weights.IMAGENET1K_V1, "AlexNet weights for LPIPS")
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+        lpips = LearnedPerceptualImagePatchSimilarity(net_type=LPIPS_NET, normalize=True)
+        return lpips.to(DEVICE), ""
+    except (DownloadError, OSError, RuntimeError, ImportError) as err:
+        return None, f"LPIPS diversity skipped: its weights did not load ({err})"
+
+
+lpips, LPIPS_NOTE = load_lpips()
+if lpips is None:
+    print(LPIPS_NOTE)
+    if not SMOKE:
+        STAND_INS.append(LPIPS_NOTE)
+for name, images in sets.items():
+    if lpips is not None:
         diversity[name]["lpips"] = lpips_diversity(images, lpips)
-else:
-    print("LPIPS diversity skipped in smoke mode (its backbone weights need a download)")
 show_image_table(torch.cat([sets["dfp"], sets["seeds_only"]]).cpu(),
                  [f"DFP (VGG div. {diversity['dfp']['vgg']:.3f})",
                   f"seeds only ({diversity['seeds_only']['vgg']:.3f})"],
@@ -608,13 +696,11 @@ else:
 # %% [markdown]
 # ## 10. Speed: the optimiser, side by side
 # The same objective, image size and number of iterations with `torch.optim.LBFGS` (which reads values back to
-# the host on every iteration) and with `SyncFreeLBFGS`; on a GPU also with VGG in mixed precision (bfloat16 where
-# the GPU has it, float16 on older ones such as a T4). `time_per_step` warms up first (`TIMING_WARMUP` iterations
-# fill the L-BFGS memory, whose length sets the cost of an iteration), then times `TIMING_ITERATIONS` iterations
-# with the device synchronised around them. Each variant's final loss is measured in float32. The claim checked:
-# `SyncFreeLBFGS` takes torch's steps, so it ends within 1 % of torch's loss. Whether mixed precision keeps the
-# loss within 1 % is printed, not assumed: set `VGG_AUTOCAST` only where it does. On a CPU there is nothing to
-# synchronise, so the two optimisers should take about the same time. `tools/bench_style.py` (`make bench`)
+# the host on every iteration) and with `SyncFreeLBFGS`; on the GPU path also with VGG in mixed precision
+# (float16 on a T4, bfloat16 on newer GPUs). `time_per_step` warms up first (`TIMING_WARMUP` iterations fill the
+# L-BFGS memory, whose length sets the cost of an iteration), then times `TIMING_ITERATIONS` iterations with the
+# device synchronised around them. Each variant's final loss is measured in float32. On a CPU there is nothing
+# to synchronise, so the two optimisers should take about the same time. `tools/bench_style.py` (`make bench`)
 # measures the same at the full-mode size against a plain tutorial-style loop.
 
 # %%
@@ -631,18 +717,97 @@ def time_variant(optimizer_name: str, autocast: torch.dtype | None = None) -> di
 objective_fp32 = make_objective(content, style_image, autocast=None)
 variants = {"torch.optim.LBFGS, fp32": ("torch_lbfgs", None),
             "SyncFreeLBFGS, fp32": ("lbfgs", None)}
-if DEVICE.type == "cuda":
-    half = torch.bfloat16 if torch.cuda.get_device_capability(DEVICE) >= (8, 0) else torch.float16
-    variants[f"SyncFreeLBFGS, VGG in {str(half)[6:]}"] = ("lbfgs", half)
+if CHOICES.amp_dtype is not None:
+    variants[f"SyncFreeLBFGS, VGG in {str(CHOICES.amp_dtype)[6:]}"] = ("lbfgs", CHOICES.amp_dtype)
 timings = {label: time_variant(*args) for label, args in tqdm(variants.items(), desc="timing")}
 reference = timings["torch.optim.LBFGS, fp32"]
 for label, t in timings.items():
     ratio, loss_change = (t[key] / reference[key] for key in ("ms_per_step", "final_loss"))
-    verdict = "within 1 %" if abs(loss_change - 1) < 0.01 else "NOT within 1 %"
     print(f"{label:28s} {t['ms_per_step']:8.1f} ms per iteration ({ratio:.2f}x torch's) | "
-          f"final loss {t['final_loss']:.4f} ({100 * (loss_change - 1):+.2f} %, {verdict})")
+          f"final loss {t['final_loss']:.4f} ({100 * (loss_change - 1):+.2f} % against torch's)")
+if CHOICES.emulated and not CHOICES.cuda:
+    print("(T4 emulation: a CPU computes float16 slowly in software, so that row's time says "
+          "nothing about a GPU)")
+
+# %% [markdown]
+# ### Does SyncFreeLBFGS take torch's steps?
+# Both versions compute the same formulas, but not in the same order: torch adds `step * direction` to the
+# pixels in one operation, ours multiplies and then adds, so the last bit of some pixels differs. L-BFGS
+# amplifies such tiny differences: after about a hundred iterations two runs can differ by a few percent, even
+# two runs of the same optimiser whose starts differ in one bit. So the claim checked here is twofold:
+#
+# 1. In the first `LOCKSTEP_STEPS` iterations, both take the same steps: no pixel differs by more than
+#    `LOCKSTEP_TOLERANCE` of the largest change one iteration makes to a pixel.
+# 2. After the timing runs above, SyncFreeLBFGS's final loss is at most `LOSS_MARGIN` above torch's.
+
+# %%
+differences, largest_step = lockstep_differences(objective_fp32, initial_image(content, INIT, SEED),
+                                                 LOCKSTEP_STEPS, LEARNING_RATE, HISTORY_SIZE)
+for step, difference in enumerate(differences, 1):
+    print(f"iteration {step}: largest pixel difference {difference:.2e} "
+          f"({difference / largest_step:.1e} of the largest pixel change, {largest_step:.3f})")
+assert max(differences) <= LOCKSTEP_TOLERANCE * largest_step, "the two L-BFGS versions must agree"
 same_steps = timings["SyncFreeLBFGS, fp32"]["final_loss"] / reference["final_loss"]
-assert abs(same_steps - 1) < 0.01, "SyncFreeLBFGS must end within 1 % of torch.optim.LBFGS"
+print(f"after {TIMING_WARMUP + TIMING_ITERATIONS} iterations: SyncFreeLBFGS's final loss is "
+      f"{100 * (same_steps - 1):+.2f} % against torch's "
+      f"(allowed: at most +{100 * LOSS_MARGIN:.0f} %)")
+assert same_steps <= 1 + LOSS_MARGIN, "SyncFreeLBFGS must not end much worse than torch.optim.LBFGS"
+
+# %% [markdown]
+# ### Does SyncFreeLBFGS ever make the host wait?
+# Reading a tensor's value on the host (`.item()`, `float(...)`, `if tensor:`) waits for the GPU to finish
+# all its queued work. `HostReadCounter` counts such reads during a few iterations of each optimiser. The count
+# is the same on any device, so this check runs on a CPU too. On a real GPU, torch's sync debug mode also turns
+# any hidden wait of SyncFreeLBFGS into an error.
+
+# %%
+host_reads = {}
+for name in ("lbfgs", "torch_lbfgs"):
+    image_r = StylisedImage(initial_image(content, INIT, SEED)).to(DEVICE)
+    opt = make_optimizer(image_r, name, LEARNING_RATE, HISTORY_SIZE)
+    for _ in range(2):  # the first iteration allocates the memory; the second stores a pair
+        optimisation_step(objective_fp32, image_r, opt)
+    with HostReadCounter() as counter:
+        for _ in range(3):
+            optimisation_step(objective_fp32, image_r, opt)
+    host_reads[name] = counter.reads / 3
+    if name == "lbfgs" and CHOICES.cuda:
+        synchronize(DEVICE)
+        torch.cuda.set_sync_debug_mode("error")  # any host sync now raises
+        try:
+            optimisation_step(objective_fp32, image_r, opt)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        print("CUDA sync debug mode: SyncFreeLBFGS made no host sync")
+    elif name == "lbfgs" and CHOICES.emulated:
+        CHOICES.skip("torch.cuda.set_sync_debug_mode", "the count of host reads below")
+print(f"host reads per iteration: SyncFreeLBFGS {host_reads['lbfgs']:.0f}, "
+      f"torch.optim.LBFGS {host_reads['torch_lbfgs']:.0f}")
+assert host_reads["lbfgs"] == 0 and host_reads["torch_lbfgs"] > 0
+
+# %% [markdown]
+# ### Mixed precision for VGG: what it does to the gradient
+# Mixed precision runs VGG's convolutions in 16-bit floats: faster on a GPU's tensor cores, but with fewer
+# digits. float16 keeps about 3 decimal digits and bfloat16 about 2. Below, the gradient of the objective at the
+# white-noise start is computed with VGG in each format and compared with the float32 gradient. A *loss scale*
+# (multiply the loss before the backward pass, divide the gradient after it) rescues gradients that are too
+# small for float16. It cannot add digits, so if it does not shrink the error, the error comes from rounding.
+
+# %%
+start_image = initial_image(content, INIT, SEED)
+formats = [(torch.float16, 1.0), (torch.float16, LOSS_SCALE), (torch.bfloat16, 1.0)]
+if CHOICES.gpu_path and CHOICES.capability < (8, 0):  # a T4 (or its emulation) has no bfloat16
+    formats = formats[:2]
+    print(f"bfloat16 skipped: it needs compute capability 8.0 (this path: "
+          f"{CHOICES.capability[0]}.{CHOICES.capability[1]})")
+gradient_error = {}
+for dtype, scale in formats:
+    label = f"VGG in {str(dtype)[6:]}" + (f", loss scale {scale:g}" if scale != 1 else "")
+    obj = make_objective(content, style_image, autocast=dtype)
+    gradient_error[label] = autocast_gradient_error(obj, objective_fp32, start_image, scale)
+    print(f"{label:32s} gradient off by {100 * gradient_error[label]:.2f} % of its norm")
+print("VGG stays in float32 in this notebook (VGG_AUTOCAST = None): L-BFGS builds its steps from "
+      "differences of gradients, so errors of this size change its path.")
 
 # %% [markdown]
 # ## 11. Reload the result in a fresh model and re-measure
@@ -674,13 +839,17 @@ quality = {
     "diversity": diversity, "mean_losses": mean_losses,
     "timing_ms_per_iteration": {label: t["ms_per_step"] for label, t in timings.items()},
     "timing_final_loss": {label: t["final_loss"] for label, t in timings.items()},
+    "lockstep_difference_of_largest_step": max(differences) / largest_step,
+    "host_reads_per_iteration": host_reads,
+    "autocast_gradient_error": gradient_error,
 }
 path = write_metrics(RUN_DIR, NOTEBOOK, SMOKE, DEVICE, iterations=STEPS, seconds=watch.seconds,
                      throughput={"it_per_s": watch.throughput()["it_per_s"]}, quality=quality,
                      stand_ins=STAND_INS, seconds_per_image=watch.seconds,
                      image_size=IMAGE_SIZE, optimizer=OPTIMIZER, k=K, multi_steps=MULTI_STEPS,
                      style_image=STYLE_IMAGE, channels_last=CHANNELS_LAST,
-                     autocast=str(VGG_AUTOCAST))
+                     autocast=str(VGG_AUTOCAST), gpu_path=CHOICES.describe(),
+                     left_out_of_gallery=LEFT_OUT)
 print(path.read_text())
 
 # %% [markdown]
@@ -701,6 +870,7 @@ print(path.read_text())
 # * `POOLING = "avg"` (the paper found it slightly better) and `STYLE_LAYERS` without relu5_1 or relu1_1: strokes
 #   get smaller or larger.
 # * `PRESERVE_COLOURS = True` for the main run, `PAINTING = "great_wave"`, or your own photo by path or URL.
-# * `VGG_AUTOCAST = torch.bfloat16` on an A100/H100 (or `torch.float16` on a T4) and compare the timing and the
-#   final loss of section 10.
+# * Mixed precision for VGG (`VGG_AUTOCAST = torch.float16` or `torch.bfloat16`): section 10 printed how far
+#   the gradient moves from float32 in your run. Try it to compare the speed with the final loss, not for
+#   the main result.
 # * Raise `DFP_LAMBDA` towards 1 (more diversity) or lower `DFP_ALPHA` (more of the photo) and watch the table.

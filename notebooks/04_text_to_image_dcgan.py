@@ -44,14 +44,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from helpers.environment import (data_dir, describe_device, in_colab, pick_device, run_dir,
-                                 seed_everything, smoke_mode, use_drive_for_runs)
+from helpers.environment import (data_dir, describe_device, gpu_choices, in_colab, pick_device,
+                                 run_dir, seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.metrics import clip_score
 from helpers.plotting import plot_losses, save_figure, show_over_iterations, show_rows
 from helpers.sd_lora import TINY_MODEL_ID, load_clip
 from helpers.text2image import (
     ATTRIBUTES, DEFAULT_ENCODER, LOCAL_ENCODER_ENV, TEMPLATES, EmbeddingCache,
-    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, caption_accuracy,
+    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, autocast,
+    caption_accuracy,
     dcgan_init, derangement, describe, download_flowers_captions, feature_map_widths,
     flowers_class_split, generate, images_per_caption, load_flowers_captions, make_shapes,
     mean_and_spread, real_images_per_combination, sample_batch,
@@ -88,6 +89,7 @@ RECIPES = {  # model options and loss weights; section 7 measures each change
                  "loss": {"gan_int": 1.0 if DATASET == "flowers" else 0.0, "auxiliary": 1.0}},
 }
 PACK = RECIPES[RECIPE]["model"].get("pack", 1)  # images per caption that D judges together
+LOG_EVERY = 5 if SMOKE else 50                  # iterations per logged mean of the losses
 SNAPSHOT_EVERY = 20 if SMOKE else (1000 if CPU_RUN else 5000)
 CHECKPOINT_EVERY = 30 if SMOKE else (500 if CPU_RUN else 2000)
 
@@ -120,11 +122,17 @@ use_drive_for_runs(RUN_DIR_ON_DRIVE)            # mounts Drive and sets $RUN_DIR
 seed_everything(SEED)
 DEVICE = pick_device()
 RUN_DIR = run_dir(NOTEBOOK)
-USE_AMP = DEVICE.type == "cuda"                 # float16 autocast + GradScaler (a T4 has no bf16)
-torch.backends.cudnn.benchmark = DEVICE.type == "cuda"
+CHOICES = gpu_choices(DEVICE)                   # GPU path: autocast, GradScaler, channels-last
+AMP_DTYPE = CHOICES.amp_dtype                   # float16 on a T4 (+ GradScaler), bfloat16 from A100
+MEMORY_FORMAT = torch.channels_last if CHOICES.channels_last else torch.contiguous_format
+torch.backends.cudnn.benchmark = CHOICES.cuda   # let cuDNN time its convolution kernels once
+if CHOICES.emulated and not CHOICES.cuda:
+    CHOICES.skip("cuDNN autotuning (torch.backends.cudnn.benchmark)",
+                 "the CPU's own convolution kernels")
 STAND_INS = []
 print(f"mode: {'smoke' if SMOKE else 'full'} | dataset: {DATASET} | recipe: {RECIPE} | "
       f"device: {describe_device(DEVICE)} | run dir: {RUN_DIR}")
+print(f"speed and precision: {CHOICES.describe()}")
 if DEVICE.type == "cpu":
     print("no GPU: training on the CPU" + ("" if DATASET == "shapes" else
           " (flowers at the paper's size is meant for a GPU; T2I_DATASET=shapes is the CPU run)"))
@@ -209,7 +217,10 @@ except ValueError as err:
 # `cvpr2016_flowers.tar.gz`, a Google Drive file shared with a resource key). The download tries
 # `drive.usercontent.google.com` with the resource key, then Drive's older `uc` endpoint, and follows Drive's
 # "can't scan for viruses" page; if all fail, the error says what to download by hand and where to point
-# `T2I_FLOWERS_CAPTIONS` (an archive, a folder, or the URL of a copy). **Matching:** caption file
+# `T2I_FLOWERS_CAPTIONS` (an archive, a folder, or the URL of a copy). The images, labels and splits come from
+# the Visual Geometry Group at Oxford (robots.ox.ac.uk), each file checked against its known md5 sum. Every
+# download gives up after 60 s without data and says what to do, including "or set T2I_DATASET=shapes to train
+# on the built-in shapes dataset". **Matching:** caption file
 # `text_c10/class_XXXXX/image_NNNNN.txt` belongs to image `jpg/image_NNNNN.jpg`. **Split:** class-disjoint, 82
 # train+val classes / 20 test classes (Reed's `trainvalclasses.txt` / `testclasses.txt` when the archive has them,
 # else a seeded 82/20). Images are decoded once at 76 px and randomly cropped to 64 px and flipped, as in the paper.
@@ -329,8 +340,7 @@ def build_models() -> tuple[Generator, Discriminator]:
                       projection=options.get("projection", False),
                       n_classes=train_data.class_counts if options.get("auxiliary") else (),
                       pack=PACK)
-    memory_format = torch.channels_last if DEVICE.type == "cuda" else torch.contiguous_format
-    return g.to(DEVICE, memory_format=memory_format), d.to(DEVICE, memory_format=memory_format)
+    return g.to(DEVICE, memory_format=MEMORY_FORMAT), d.to(DEVICE, memory_format=MEMORY_FORMAT)
 
 
 G, D = build_models()
@@ -368,7 +378,7 @@ del paper_G, paper_D
 zero = torch.zeros(3)
 loss_at_zero = gan_cls_discriminator_loss(zero, zero, zero).item()
 print(f"L_D at zero logits = {loss_at_zero:.4f} (2 ln 2 = {2 * math.log(2):.4f})")
-assert abs(loss_at_zero - 2 * math.log(2)) < 1e-6
+assert math.isclose(loss_at_zero, 2 * math.log(2), rel_tol=1e-6)  # a few float32 roundings
 print("h_int of (2, 4) and (0, 8) at beta 0.5:", interpolate_embeddings(
     torch.tensor([2.0, 4.0]), torch.tensor([0.0, 8.0])).tolist())
 
@@ -396,8 +406,11 @@ print("h_int of (2, 4) and (0, 8) at beta 0.5:", interpolate_embeddings(
 # auxiliary classifier, the cross-entropy of the real images' labels); one generator step against the *updated*
 # discriminator on GAN-CLS + the recipe's extra terms (GAN-INT, feature matching, L1, mode seeking, auxiliary).
 # The feature-matching term takes both of its feature sets from that same updated $D$ (an earlier version of this
-# notebook took the real ones from before $D$'s step: two different discriminators). On a GPU the step runs under
-# float16 autocast with a GradScaler, channels-last; on a CPU in float32.
+# notebook took the real ones from before $D$'s step: two different discriminators). On a T4 the step runs under
+# float16 autocast with a GradScaler (it multiplies the loss before the backward pass so that small gradients do
+# not round to zero in float16, and divides them again before the update); from an A100 on, under bfloat16 without
+# one; channels-last and fused Adam on every GPU; on a CPU in float32. `EMULATE_T4=1` makes a CPU take a T4's
+# choices, to test that path without a GPU.
 
 # %% [helpers] text2image: TextToImageRecipe
 
@@ -411,7 +424,11 @@ print("h_int of (2, 4) and (0, 8) at beta 0.5:", interpolate_embeddings(
 # **The loop.** A checkpoint (models, optimisers, GradScaler, history, timer, sample grids, RNG states) every
 # `CHECKPOINT_EVERY` iterations; **re-running the cell resumes** from it. Batches are drawn from a generator seeded
 # by the iteration, so a resumed run sees the batches a straight run would. To show that path the next cell stops
-# on purpose halfway, throws the models away and resumes into fresh ones.
+# on purpose halfway, throws the models away and resumes into fresh ones. A second Run all finds the finished
+# checkpoint and reuses it (it prints "reusing the finished run") instead of training again. The losses stay on the device and are
+# summed; the history (plots, TensorBoard) gets their mean over every `LOG_EVERY` iterations. Reading a number
+# from a GPU makes the CPU wait until the GPU has finished, so the loop does it once per window, not ten times
+# per iteration.
 
 # %% [helpers] text2image: TextToImageSchedule, TextToImageRun
 
@@ -435,20 +452,23 @@ if in_colab():
 def training_state() -> dict:
     """Fresh models, optimisers, GradScaler and run record: what a checkpoint holds."""
     g, d = build_models()
-    return {"G": g, "D": d, "opt_g": torch.optim.Adam(g.parameters(), LR, betas=BETAS),
-            "opt_d": torch.optim.Adam(d.parameters(), LR, betas=BETAS),
-            "scaler": torch.amp.GradScaler(DEVICE.type, enabled=USE_AMP),
+    fused = CHOICES.fused_adam                  # Adam's update as one kernel on the GPU path
+    return {"G": g, "D": d, "opt_g": torch.optim.Adam(g.parameters(), LR, betas=BETAS, fused=fused),
+            "opt_d": torch.optim.Adam(d.parameters(), LR, betas=BETAS, fused=fused),
+            "scaler": CHOICES.grad_scaler(),   # enabled with float16 autocast (a T4), else off
             "run": TextToImageRun(History(RUN_DIR / "tensorboard"))}
 
 
-schedule, halfway = (TextToImageSchedule(n, LR, LR_HALVING_EVERY, SNAPSHOT_EVERY, CHECKPOINT_EVERY)
-                     for n in (ITERATIONS, ITERATIONS // 2))
-train_text_to_image(training_state(), batch_at, recipe, halfway, CHECKPOINT, CONFIG, fixed)  # stop
+schedule, halfway = (TextToImageSchedule(n, LR, LR_HALVING_EVERY, SNAPSHOT_EVERY, CHECKPOINT_EVERY,
+                                         LOG_EVERY) for n in (ITERATIONS, ITERATIONS // 2))
+train_text_to_image(training_state(), batch_at, recipe, halfway, CHECKPOINT, CONFIG, fixed,
+                    AMP_DTYPE)                                           # stops halfway
 state = training_state()                                                 # a fresh session resumes
-run = train_text_to_image(state, batch_at, recipe, schedule, CHECKPOINT, CONFIG, fixed)
+run = train_text_to_image(state, batch_at, recipe, schedule, CHECKPOINT, CONFIG, fixed, AMP_DTYPE)
 G, D = state["G"], state["D"]
 steps, _ = run.history.series("loss/D")
-assert steps == list(range(1, ITERATIONS + 1)), "resume must continue, not restart"
+assert steps == sorted(set(steps)) and steps[-1] == ITERATIONS, "resume must continue, not restart"
+print(f"losses logged as means over {LOG_EVERY} iterations: {len(steps)} points")
 throughput = run.stopwatch.throughput()
 print(f"{run.stopwatch.iterations:,} iterations, {run.stopwatch.seconds:.1f} s of training: "
       f"{throughput['it_per_s']:.2f} it/s, {throughput['img_per_s']:.1f} images/s "
@@ -491,7 +511,7 @@ print(f"{run.stopwatch.iterations:,} iterations, {run.stopwatch.seconds:.1f} s o
 # wrong text" low), and the same noise and captions decoded as training went on.
 
 # %%
-smooth = max(1, ITERATIONS // 50)
+smooth = max(1, ITERATIONS // 50 // LOG_EVERY)  # points in a moving average over 2 % of training
 plot_losses(run.history, ["loss/D", "loss/G"], "GAN-CLS losses", RUN_DIR / "losses.png",
             smooth=smooth)
 plot_losses(run.history, ["D/real_right", "D/real_wrong", "D/fake"],
@@ -501,7 +521,7 @@ show_over_iterations(run.snapshots, "Fixed noise and captions over training",
                      RUN_DIR / "over_iterations.png", nrow=4)
 for caption in fixed_captions[:4]:
     print(f"  caption: {caption}")
-late = run.history.series("D/real_wrong")[1][-max(1, ITERATIONS // 10):]
+late = run.history.series("D/real_wrong")[1][-max(1, len(steps) // 10):]  # means over LOG_EVERY
 wrong_belief = sum(late) / len(late)
 print(f"D's mean P(real) for (real image, wrong text), last 10 % of iterations: {wrong_belief:.3f}")
 if not SMOKE:
@@ -606,10 +626,11 @@ if DATASET == "shapes":
         assert accuracy["generated, matching (seen)"]["all"][0] >= 0.7, "the goal: >= 70 % on seen"
 
 # %% [markdown]
-# **CLIP score** ($\max(100\cos(E_I, E_T), 0)$ averaged, `helpers.metrics.clip_score`, CLIP ViT-B/32; images
-# passed as floats in [0, 1]) of generated test-class images with their captions, beside the same score of the
-# real images (the ceiling) and of the generated images with shuffled captions (the floor that says how much of
-# the score is the caption). On flowers this is the measure; smoke mode runs the same code with a tiny random CLIP
+# **CLIP score**: $\max\left(100 \cdot \frac{1}{N}\sum_{i=1}^{N} \cos(E_I(x_i), E_T(t_i)),\ 0\right)$, 100 times
+# the mean cosine between CLIP's image and text vectors over the $N$ image–caption pairs, floored at 0 (the usual
+# CLIPScore; `helpers.metrics.clip_score`, CLIP ViT-B/32, images passed as floats in [0, 1]), of generated
+# test-class images with their captions, beside the same score of the real images (the ceiling) and of the
+# generated images with shuffled captions (the floor that says how much of the score is the caption). On flowers this is the measure; smoke mode runs the same code with a tiny random CLIP
 # (a stand-in: its numbers mean nothing); the shapes CPU run uses caption accuracy instead (no CLIP weights offline).
 
 # %%

@@ -69,12 +69,13 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
 from helpers import sd_lora
-from helpers.environment import (describe_device, in_colab, pick_device, run_dir, seed_everything,
-                                 smoke_mode, use_drive_for_runs)
-from helpers.metrics import clip_image_embeddings, clip_score
+from helpers.environment import (describe_device, gpu_choices, in_colab, pick_device, run_dir,
+                                 seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.plotting import (plot_losses, save_figure, show_grid, show_image_table,
                               show_over_iterations)
-from helpers.sd_lora import LORA_WEIGHT_FILE, LoraParameters, lora_checkpoints, micro_batch
+from helpers.metrics import clip_image_embeddings, clip_score
+from helpers.sd_lora import (LORA_WEIGHT_FILE, LoraParameters, MixedPrecision, lora_checkpoints,
+                             micro_batch)
 from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb,
                               save_checkpoint, time_per_step, write_metrics)
 
@@ -110,7 +111,7 @@ RANDOM_FLIP = True
 # LoRA and its training (diffusers' train_text_to_image_lora.py defaults, except min-SNR: on here)
 RANK = 4
 LORA_ALPHA = 4                               # the update is scaled by LORA_ALPHA / RANK
-LEARNING_RATE = 1e-4
+LEARNING_RATE = 1e-2 if SMOKE else 1e-4     # smoke: large, so 4 steps change the model visibly
 ADAM_BETAS = (0.9, 0.999)
 WEIGHT_DECAY = 1e-2
 ADAM_EPS = 1e-8
@@ -139,17 +140,20 @@ ADAPTER_DIR = RUN_DIR / "lora-adapter"
 # %%
 # Device, precision and the accelerate launcher (one GPU here; `accelerate launch` for several).
 DEVICE = pick_device()
-MIXED_PRECISION = sd_lora.mixed_precision_for(DEVICE)  # fp16 on a T4, bf16 on A100/H100, no on CPU
-WEIGHT_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[MIXED_PRECISION]
+CHOICES = gpu_choices(DEVICE)              # fp16 on a T4, bf16 on A100/H100, fp32 on a CPU
+MIXED_PRECISION = CHOICES.mixed_precision  # accelerate's name for it: "fp16", "bf16" or "no"
+WEIGHT_DTYPE = CHOICES.amp_dtype or torch.float32  # the frozen weights; LoRA's stay fp32
 accelerator = Accelerator(mixed_precision=MIXED_PRECISION, cpu=DEVICE.type == "cpu")
 DEVICE = accelerator.device
+PRECISION = sd_lora.mixed_precision(accelerator, CHOICES)  # autocast and loss scaler of the step
 seed_everything(SEED)
 STAND_INS = []
 if MODEL_ID == sd_lora.TINY_MODEL_ID:
     STAND_INS.append(sd_lora.STAND_IN_NOTE)
     print("STAND-IN:", sd_lora.STAND_IN_NOTE)
-print(f"mode: {'smoke' if SMOKE else 'full'} | device: {describe_device(DEVICE)} | mixed precision:"
-      f" {MIXED_PRECISION} | frozen weights in {WEIGHT_DTYPE} | run dir: {RUN_DIR}")
+print(f"mode: {'smoke' if SMOKE else 'full'} | device: {describe_device(DEVICE)} | frozen "
+      f"weights in {WEIGHT_DTYPE} | run dir: {RUN_DIR}")
+print(f"training step: {PRECISION.description}")
 
 # %% [markdown]
 # ## 2. Theory
@@ -260,7 +264,7 @@ assert text_states.shape == (1, tokenizer.model_max_length, unet.config.cross_at
 noisy = torch.randn(latent_shape, generator=torch.Generator().manual_seed(SEED))
 noisy = noisy.to(DEVICE, WEIGHT_DTYPE)
 PROBE = (noisy, torch.tensor([500], device=DEVICE), text_states)
-BASE_PREDICTION = sd_lora.predict_noise(unet, PROBE, accelerator)
+BASE_PREDICTION = sd_lora.predict_noise(unet, PROBE, PRECISION.autocast)
 assert BASE_PREDICTION.shape == latent_shape
 print(f"image {RESOLUTION}x{RESOLUTION} -> latent {tuple(latent.shape[1:])}, caption -> text "
       f"states {tuple(text_states.shape[1:])}, UNet output {tuple(BASE_PREDICTION.shape[1:])}")
@@ -404,9 +408,11 @@ plt.show()
 # %% [markdown]
 # **The training step.** A micro-batch of `BATCH_SIZE` images is what fits the GPU at once; `GRAD_ACCUM`
 # micro-batches make one optimizer step of `BATCH_SIZE × GRAD_ACCUM` images: each loss is divided by their number
-# and back-propagated, the gradients add up, then AdamW steps once. `accelerate` runs the forward pass under
-# fp16/bf16 autocast on a GPU and scales the loss against fp16 underflow (`accelerator.backward`); the gradient
-# norm is clipped at `MAX_GRAD_NORM`.
+# and back-propagated, the gradients add up, then AdamW steps once. On a GPU the forward pass runs under
+# fp16/bf16 autocast (`PRECISION.autocast`). In fp16, small gradients round to zero ("underflow"). So the loss
+# is first multiplied by a large scale, and the gradients are divided by it again before the step: this is the
+# GradScaler. `accelerate` does both on a GPU. It turns fp16 off on a CPU, so there (`EMULATE_T4=1`) the step
+# builds its own. The gradient norm is clipped at `MAX_GRAD_NORM`.
 
 # %% [helpers] sd_lora: lora_training_step
 
@@ -429,20 +435,22 @@ print(f"loss of one micro-batch before training: {first_loss.item():.4f} "
 # Gradient checkpointing recomputes activations in the backward pass instead of storing them: less memory, more
 # time. The review session measured the SD 1.5-sized UNet step (512 px, batch 2 × 2, fp16) on an H100 at
 # 1.54 steps/s and 2.26 GB with it, 3.29 steps/s and 3.96 GB without: it halves the speed to save 1.7 GB. A T4 has
-# 15 GB, so it is switched on only when the free GPU memory (`torch.cuda.mem_get_info`) is smaller than the step's
-# need without it, scaled from that measurement to this batch and resolution.
+# 15 GB, so it is switched on only when the free GPU memory is smaller than the step's need without it, scaled
+# from that measurement to this batch and resolution. The free memory is read with `torch.cuda.mem_get_info`
+# after `torch.cuda.empty_cache()`: PyTorch keeps freed memory in a cache, and the GPU counts it as used.
 
 # %%
 if GRADIENT_CHECKPOINTING is None:
-    USE_CHECKPOINTING, why = sd_lora.choose_gradient_checkpointing(DEVICE, BATCH_SIZE, LATENT_SIDE)
+    USE_CHECKPOINTING, why = sd_lora.choose_gradient_checkpointing(CHOICES, BATCH_SIZE, LATENT_SIDE)
 else:
     USE_CHECKPOINTING, why = GRADIENT_CHECKPOINTING, "set by GRADIENT_CHECKPOINTING"
 print(f"gradient checkpointing {'on' if USE_CHECKPOINTING else 'off'}: {why}")
 if USE_CHECKPOINTING:
     unet.enable_gradient_checkpointing()
 lora_params = [p for p in unet.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(lora_params, lr=LEARNING_RATE, betas=ADAM_BETAS,
-                              weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
+optimizer = torch.optim.AdamW(lora_params, lr=LEARNING_RATE, betas=ADAM_BETAS, eps=ADAM_EPS,
+                              weight_decay=WEIGHT_DECAY, fused=CHOICES.fused_adam or None)
+print(f"AdamW: {'fused (one kernel for the whole update)' if CHOICES.fused_adam else 'plain'}")
 unet, optimizer = accelerator.prepare(unet, optimizer)
 
 # %% [markdown]
@@ -460,7 +468,9 @@ unet, optimizer = accelerator.prepare(unet, optimizer)
 
 # %% [helpers] sd_lora: LoraRun, training_state
 
-# %% [helpers] sd_lora: step_batches, train_lora
+# %% [helpers] sd_lora: step_batches
+
+# %% [helpers] sd_lora: train_lora
 
 # %%
 if in_colab():
@@ -477,15 +487,15 @@ plan = LoraPlan(TRAIN_STEPS, BATCH_SIZE, GRAD_ACCUM, SEED, SNR_GAMMA, MAX_GRAD_N
 
 def snapshot() -> Tensor:
     """The first prompt at the first seed as uint8: the 'samples over training' figure."""
-    with torch.no_grad(), accelerator.autocast():  # the prepared UNet returns fp32 latents
+    with torch.no_grad(), PRECISION.autocast():  # the prepared UNet returns fp32 latents
         return (images_of(pipe, PROMPTS[:1], SEEDS[:1]) * 255).round().to(torch.uint8)
 
 
 run = LoraRun(History(RUN_DIR / "tensorboard"))
 if DEVICE.type == "cuda":
     torch.cuda.reset_peak_memory_stats(DEVICE)
-reached = train_lora(unet, optimizer, dataset, pipe, noise_scheduler, accelerator, run, plan,
-                     snapshot)
+reached = train_lora(unet, optimizer, dataset, pipe, noise_scheduler, accelerator, PRECISION, run,
+                     plan, snapshot)
 LORA_PEAK_MB = peak_memory_mb(DEVICE)
 steps_per_s = run.stopwatch.throughput()["it_per_s"]
 print(f"step {reached} of {TRAIN_STEPS}: {run.stopwatch.iterations} steps in "
@@ -535,12 +545,12 @@ shutil.rmtree(check_dir, ignore_errors=True)
 check_dir.mkdir()
 shutil.copy(previous, check_dir / previous.name)
 check_plan = dataclasses.replace(plan, folder=check_dir, steps=reached, time_limit_s=math.inf)
-train_lora(unet, optimizer, dataset, pipe, noise_scheduler, accelerator, LoraRun(History()),
-           check_plan, lambda: torch.zeros(0, dtype=torch.uint8))
+train_lora(unet, optimizer, dataset, pipe, noise_scheduler, accelerator, PRECISION,
+           LoraRun(History()), check_plan, lambda: torch.zeros(0, dtype=torch.uint8))
 resumed_lora = sd_lora.lora_weights(unet)
 load_checkpoint(previous, {"lora": LoraParameters(unet)}, restore_rng=False)
 start_lora = sd_lora.lora_weights(unet)
-load_checkpoint(final_checkpoint, training_state(unet, optimizer, run, accelerator),
+load_checkpoint(final_checkpoint, training_state(unet, optimizer, run, accelerator, PRECISION),
                 CHECKPOINT_CONFIG)
 restored = sd_lora.lora_weights(unet)
 assert all(torch.equal(restored[k], final_lora[k]) for k in final_lora), "not restored"
@@ -564,6 +574,11 @@ print(f"resumed from {previous.name} to step {reached}: the update differs from 
 # the metadata a reload assumes $\alpha = r$, which is wrong whenever `LORA_ALPHA != RANK`. Loading names the file
 # (`weight_name`), so it also works offline. A fresh pipeline plus `load_lora` must reproduce the trained model;
 # `set_adapters(..., adapter_weights=[λ])` scales the update ($\lambda = 0$ is the base model).
+#
+# Here `LORA_ALPHA = RANK`, so the scale $\alpha / r$ is 1, and a reload that ignored $\alpha$ would still look
+# right. So the same update is also saved a second way: with $\alpha / 2$ and every $B$ doubled. The product
+# $\frac{\alpha/2}{r}\,(2B)\,A$ is unchanged. Only a reload that reads $\alpha / 2$ from the file gives the
+# trained model; one that took $\alpha = r$ would double the adapter's effect.
 
 # %% [helpers] sd_lora: save_lora, load_lora
 
@@ -576,6 +591,9 @@ print(f"saved {adapter_file.name}: {ADAPTER_BYTES / 1e6:.3f} MB = {header_bytes:
       f"{unet_params_before * 2 / 1e6:,.1f} MB in fp16")
 assert data_bytes == trainable * 4, "the file must hold exactly the LoRA weights, in fp32"
 
+HALF_ALPHA_DIR = RUN_DIR / "lora-adapter-half-alpha"
+save_lora(accelerator.unwrap_model(unet), HALF_ALPHA_DIR, alpha=LORA_ALPHA / 2)  # 2B, alpha / 2
+
 fresh = sd_lora.load_pipeline(MODEL, dtype=WEIGHT_DTYPE, device=DEVICE)
 fresh.scheduler = DPMSolverMultistepScheduler.from_config(fresh.scheduler.config)
 load_lora(fresh, ADAPTER_DIR, "trained")
@@ -586,28 +604,37 @@ trained_w = sd_lora.lora_weights(unet, dtype=loaded_dtype)  # rounded copies; or
 assert set(reloaded) == set(trained_w)
 assert all(torch.equal(reloaded[k], trained_w[k]) for k in trained_w)
 print(f"reloaded LoRA weights ({loaded_dtype}) equal the trained ones rounded to {loaded_dtype}")
+load_lora(fresh, HALF_ALPHA_DIR, "half-alpha")
+assert fresh.unet.peft_config["half-alpha"].lora_alpha == LORA_ALPHA / 2
 
 # %% [markdown]
-# The claims, checked on the fixed UNet input of section 3: the trained adapter changes the prediction; the
-# reloaded adapter reproduces the trained model's prediction (to within 5 % of the adapter's effect, for the fp16
-# rounding on a GPU; exactly on a CPU), and at scale 0 the base model's.
+# The claims, checked on the fixed UNet input of section 3: the trained adapter changes the prediction; both
+# reloaded adapters reproduce the trained model's prediction, and at scale 0 the base model's. In fp32 they must
+# be exact. In fp16 each number is rounded, so they must agree within 5 % of the adapter's effect plus 4 fp16
+# rounding steps of the prediction's size.
 
 # %%
 unet.eval()
-trained_prediction = sd_lora.predict_noise(unet, PROBE, accelerator)
-fresh.set_adapters(["trained"], adapter_weights=[1.0])
-reloaded_prediction = sd_lora.predict_noise(fresh.unet, PROBE, accelerator)
+trained_prediction = sd_lora.predict_noise(unet, PROBE, PRECISION.autocast)
+gaps = {}
+for adapter in ("trained", "half-alpha"):
+    fresh.set_adapters([adapter], adapter_weights=[1.0])
+    reloaded_prediction = sd_lora.predict_noise(fresh.unet, PROBE, PRECISION.autocast)
+    gaps[adapter] = (reloaded_prediction - trained_prediction).abs().max().item()
 fresh.set_adapters(["trained"], adapter_weights=[0.0])
-scale0_prediction = sd_lora.predict_noise(fresh.unet, PROBE, accelerator)
+scale0_prediction = sd_lora.predict_noise(fresh.unet, PROBE, PRECISION.autocast)
 lora_effect = (trained_prediction - BASE_PREDICTION).abs().max().item()
-reload_gap = (reloaded_prediction - trained_prediction).abs().max().item()
+reload_gap = max(gaps.values())
 scale0_gap = (scale0_prediction - BASE_PREDICTION).abs().max().item()
-tolerance = 0.0 if WEIGHT_DTYPE == torch.float32 else 0.05 * lora_effect
+fp16_rounding = 4 * torch.finfo(WEIGHT_DTYPE).eps * trained_prediction.abs().max().item()
+tolerance = 0.0 if WEIGHT_DTYPE == torch.float32 else 0.05 * lora_effect + fp16_rounding
 print(f"largest change of the UNet's prediction: adapter vs base {lora_effect:.2e}; reloaded vs "
-      f"trained {reload_gap:.2e}; scale 0 vs base {scale0_gap:.2e}")
+      f"trained {gaps['trained']:.2e} (alpha {LORA_ALPHA}), {gaps['half-alpha']:.2e} (alpha "
+      f"{LORA_ALPHA / 2:g}, B doubled); scale 0 vs base {scale0_gap:.2e}")
 assert lora_effect > 0, "the trained adapter does not change the UNet's prediction"
-assert reload_gap <= tolerance, f"the reloaded adapter is not the trained model ({reload_gap})"
+assert reload_gap <= tolerance, f"a reloaded adapter is not the trained model ({gaps})"
 assert scale0_gap <= tolerance, f"LoRA scale 0 does not reproduce the base model ({scale0_gap})"
+fresh.delete_adapters("half-alpha")
 
 # %%
 fresh.set_adapters(["trained"], adapter_weights=[1.0])
@@ -631,8 +658,10 @@ show_image_table(torch.cat(sweep), PROMPTS[:1], LORA_SCALES, f"LoRA scale sweep 
 # %% [markdown]
 # ## 9. CLIP score before and after, on training captions
 #
-# The CLIP score (Hessel et al. 2021, in torchmetrics' form) is $100 \cdot \max(\cos(E_I(x), E_T(y)), 0)$
-# averaged over image/caption pairs, with OpenAI's CLIP ViT-B/16. We generate one image per training caption with
+# The CLIP score (Hessel et al. 2021, as torchmetrics computes it) is
+# $\max\big(100 \cdot \overline{\cos}(E_I(x), E_T(y)),\, 0\big)$: the mean cosine similarity of the
+# image/caption pairs, times 100, with OpenAI's CLIP ViT-B/16. Each image is prepared as CLIP was trained: its
+# shorter side is resized to 224 px (bicubic, antialiased), the centre is cropped, the colours are normalised. We generate one image per training caption with
 # the base model ($\lambda = 0$) and with the adapter ($\lambda = 1$), same seed. Two claims are checked in full
 # mode: the adapted model still follows the text (its images score higher with their own captions than with
 # another image's caption), and it has learnt the training images' look (its images are closer to the training
@@ -677,7 +706,8 @@ gc.collect()
 # bnb_4bit_compute_dtype=fp16)`, a LoRA adapter of the same rank goes on top, and `QLORA_STEPS` training steps
 # (after 2 warm-up steps, with the same batches, VAE and text encoder; the fp16 UNet is moved to the CPU first)
 # measure its speed and peak memory beside LoRA's. bitsandbytes needs a CUDA GPU; elsewhere this section says
-# why it is skipped. First, how much of the UNet it can quantise at all: only `nn.Linear` weights.
+# why it is skipped. With `EMULATE_T4=1` on a CPU it runs the same steps on the UNet in fp16, not quantised.
+# First, how much of the UNet it can quantise at all: only `nn.Linear` weights.
 
 # %%
 with torch.device("meta"):
@@ -690,39 +720,53 @@ assert round(100 * LINEAR_SHARE) == 31, "the theory section quotes 31 %"
 
 # %%
 QLORA_SKIPPED = sd_lora.qlora_unavailable_reason()
-qlora_metrics: dict = {}
-if QLORA_SKIPPED:
+QUANTIZED = QLORA_SKIPPED is None
+QLORA_RUNS = QUANTIZED or CHOICES.gpu_path
+if not QLORA_RUNS:
     print("QLoRA skipped:", QLORA_SKIPPED)
-    qlora_metrics = {"skipped": QLORA_SKIPPED}
 else:
+    if not QUANTIZED:  # the T4 emulation on a CPU: the same steps, without 4-bit weights
+        CHOICES.skip("bitsandbytes' 4-bit QLoRA",
+                     "the same QLoRA steps on the UNet in fp16, not quantised")
     accelerator.unwrap_model(unet).to("cpu")
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(DEVICE)
-    q_unet = add_lora(sd_lora.load_unet_4bit(MODEL, compute_dtype=WEIGHT_DTYPE), RANK, LORA_ALPHA)
-    q_checkpointing, q_why = sd_lora.choose_gradient_checkpointing(DEVICE, BATCH_SIZE, LATENT_SIDE,
+    if CHOICES.cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+    q_base = (sd_lora.load_unet_4bit(MODEL, compute_dtype=WEIGHT_DTYPE) if QUANTIZED
+              else sd_lora.load_unet(MODEL, WEIGHT_DTYPE, DEVICE))
+    q_unet = add_lora(q_base, RANK, LORA_ALPHA)
+    q_checkpointing, q_why = sd_lora.choose_gradient_checkpointing(CHOICES, BATCH_SIZE, LATENT_SIDE,
                                                                    quantized=True)
     print(f"QLoRA gradient checkpointing {'on' if q_checkpointing else 'off'}: {q_why}")
     if q_checkpointing:
         q_unet.enable_gradient_checkpointing()
     q_optimizer = accelerator.prepare(torch.optim.AdamW(
         [p for p in q_unet.parameters() if p.requires_grad], lr=LEARNING_RATE, betas=ADAM_BETAS,
-        weight_decay=WEIGHT_DECAY, eps=ADAM_EPS))
+        weight_decay=WEIGHT_DECAY, eps=ADAM_EPS, fused=CHOICES.fused_adam or None))
+
+# %%
+qlora_metrics: dict = {"skipped": QLORA_SKIPPED}
+if QLORA_RUNS:
     q_unet.train()
     q_timing = time_per_step(lambda: lora_training_step(
         q_unet, q_optimizer, step_batches(pipe, dataset, 0, plan, accelerator), noise_scheduler,
-        accelerator, SNR_GAMMA, MAX_GRAD_NORM), DEVICE, iterations=QLORA_STEPS, warmup=2)
+        accelerator, PRECISION, SNR_GAMMA, MAX_GRAD_NORM), DEVICE, iterations=QLORA_STEPS, warmup=2)
     q_weights_mb = sum(p.numel() * p.element_size() for p in q_unet.parameters()) / 2**20
-    qlora_metrics = {"steps_per_s": q_timing["it_per_s"],
-                     "peak_memory_mb": q_timing["peak_memory_mb"],
+    qlora_metrics = {**qlora_metrics, "steps_per_s": q_timing["it_per_s"],
+                     "peak_memory_mb": q_timing["peak_memory_mb"], "quantized": QUANTIZED,
                      "gradient_checkpointing": q_checkpointing, "steps": QLORA_STEPS,
                      "unet_weights_mb": q_weights_mb,
                      "trainable_parameters": count_parameters(q_unet, trainable_only=True)}
     assert qlora_metrics["trainable_parameters"] == trainable
-    assert q_weights_mb < unet_params_before * 2 / 2**20, "4-bit weights must be smaller than fp16"
-    del q_unet, q_optimizer
+    if QUANTIZED:
+        assert q_weights_mb < unet_params_before * 2 / 2**20, "4-bit weights must be smaller"
+    print(f"{'QLoRA' if QUANTIZED else 'QLoRA steps, fp16 UNet'}: {q_timing['it_per_s']:.2f} "
+          f"steps/s, UNet weights {q_weights_mb:,.1f} MiB")
+    del q_base, q_unet, q_optimizer
     gc.collect()
-    torch.cuda.empty_cache()
+    if CHOICES.cuda:
+        torch.cuda.empty_cache()
     accelerator.unwrap_model(unet).to(DEVICE)
 
 # %% [markdown]
@@ -752,9 +796,10 @@ rows = [
     ("LoRA training", f"{steps_per_s:.2f} steps/s ({BATCH_SIZE * GRAD_ACCUM} images/step, gradient "
                       f"checkpointing {'on' if USE_CHECKPOINTING else 'off'}), {reached} steps"),
     ("peak memory, LoRA", f"{LORA_PEAK_MB:,.0f} MiB"),
-    ("QLoRA training", "skipped (no CUDA GPU or bitsandbytes)" if QLORA_SKIPPED else
-     f"{qlora_metrics['steps_per_s']:.2f} steps/s, peak "
-     f"{qlora_metrics['peak_memory_mb']:,.0f} MiB"),
+    ("QLoRA training", "skipped (no CUDA GPU or bitsandbytes)" if not QLORA_RUNS else
+     f"{qlora_metrics['steps_per_s']:.2f} steps/s"
+     + (f", peak {qlora_metrics['peak_memory_mb']:,.0f} MiB" if CHOICES.cuda else "")
+     + ("" if QUANTIZED else " (fp16 UNet, not quantised)")),
     ("CLIP score before / after",
      f"{CLIP_BEFORE:.2f} / {CLIP_AFTER:.2f}" + (" (stand-in)" if CLIP_STAND_IN else "")),
     (f"SD 1.5 at rank {RANK} (from its config)",
@@ -777,6 +822,7 @@ path = write_metrics(
     trainable_parameters=trainable, trainable_percent_of_unet=round(TRAINABLE_PERCENT, 4),
     adapter_file_bytes=ADAPTER_BYTES, gradient_checkpointing=USE_CHECKPOINTING,
     peak_memory_mb_lora=round(LORA_PEAK_MB, 1), qlora=qlora_metrics,
+    gpu_choices=CHOICES.describe(), training_precision=PRECISION.description,
     sd15_reference={"rank": RANK, "lora_parameters": sd15_lora, "unet_parameters": sd15_total,
                     "linear_share": round(LINEAR_SHARE, 4)},
 )

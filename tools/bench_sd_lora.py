@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from helpers import sd_lora  # noqa: E402
+from helpers.environment import GpuChoices, gpu_choices  # noqa: E402
 from helpers.training import time_per_step  # noqa: E402
 
 RANK = 4
@@ -94,13 +95,14 @@ def t4_estimate(tflop: dict[str, float], h100_steps_per_s: float = 3.29) -> dict
     return {name: (value / t4_rates[0], value / t4_rates[1]) for name, value in total.items()}
 
 
-def _step(unet: Any, accelerator: Any, micro_batches: list, scheduler: Any) -> Callable[[], float]:
+def _step(unet: Any, accelerator: Any, precision: Any, micro_batches: list,
+          scheduler: Any) -> Callable[[], float]:
     """One optimizer step of the notebook's lora_training_step on fixed micro-batches."""
     optimizer = accelerator.prepare(torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad],
                                                       lr=1e-4, weight_decay=1e-2))
     unet.train()
     return lambda: sd_lora.lora_training_step(unet, optimizer, micro_batches, scheduler, accelerator,
-                                              SNR_GAMMA, 1.0)
+                                              precision, SNR_GAMMA, 1.0)
 
 
 def _accelerator(mixed_precision: str, device: torch.device) -> Any:
@@ -129,7 +131,7 @@ def _row(variant: str, baseline: bool, config: dict, timing: dict | None, note: 
 def variants(device: torch.device, reduced: bool) -> list[tuple[str, str, bool, bool]]:
     """(name, mixed precision, gradient checkpointing, 4-bit base weights) of each timed variant; the first
     is the baseline. Reduced (CPU): fp32 only, as the notebook runs there."""
-    half = "no" if reduced else sd_lora.mixed_precision_for(device)
+    half = "no" if reduced else gpu_choices(device).mixed_precision
     label = "fp32" if half == "no" else half
     rows = [("LoRA fp32 eager", "no", False, False)] + ([] if reduced else [(f"LoRA {label}", half, False, False)])
     return rows + [(f"LoRA {label} + gradient checkpointing", half, True, False),
@@ -175,7 +177,10 @@ def run(device: torch.device, reduced: bool) -> list[dict]:
             gen = torch.Generator().manual_seed(0)
             micro = [(torch.randn(batch, 4, side, side, generator=gen).to(device, dtype),
                       torch.randn(batch, 77, width, generator=gen).to(device, dtype)) for _ in range(2)]
-            step = _step(unet, accelerator, micro, DDPMScheduler(**SD15_SCHEDULE))
+            choices = gpu_choices(device) if precision != "no" else GpuChoices(device, None, device.type == "cuda",
+                                                                                 False)
+            precision_of_step = sd_lora.mixed_precision(accelerator, choices)
+            step = _step(unet, accelerator, precision_of_step, micro, DDPMScheduler(**SD15_SCHEDULE))
             timing = time_per_step(step, device, iterations=5 if reduced else 10, warmup=1 if reduced else 3)
             loss = step()
             note = "the plain step a student would write" if precision == "no" and not checkpointing else ""

@@ -6,10 +6,12 @@ defaults (lr 1, 20 iterations per step() call, a history of 100), the pixels cla
 read with .item() in the closure. It computes the notebook's objective (the paper's layers, relative units, beta, TV),
 so that the final losses compare. Rows after it: the notebook's optimisation_step with torch.optim.LBFGS, with
 SyncFreeLBFGS, and on CUDA also channels-last + cuDNN autotuning and VGG in bf16 (fp16 where the GPU has no bf16)
-autocast. Every row runs the same iterations from the same white-noise start; its final loss is evaluated in float32 by
-the notebook's objective. GPU: the full-mode size (512 px on the long side; chelsea is 512x341), 300 timed iterations
-after 20. CPU (reduced): 128 px, 20 after 10. ImageNet weights when torchvision has them cached, else random weights
-(the timings hold; the losses are those of a random network, and the table says so).
+autocast (with the gradient's error against float32 at the start: no loss scaling, which would not reduce it,
+since it comes from rounding). Every row runs the same iterations from the same white-noise start; its final
+loss is evaluated in float32 by the notebook's objective. GPU: the full-mode size (512 px on the long side; chelsea
+is 512x341), 300 timed iterations after 20. CPU (reduced): 128 px, 20 after 10. ImageNet weights when
+torchvision has them cached, else random weights (the timings hold; the losses are those of a random network,
+and the table says so).
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from torch import Tensor, nn
 from torchvision.models import VGG19_Weights
 
 from helpers.losses import gram_matrix, total_variation_loss
-from helpers.style import (CONTENT_LAYERS, STYLE_LAYERS, StyleObjective, StylisedImage, evaluate, initial_image,
-                           load_image, make_optimizer, optimisation_step)
+from helpers.style import (CONTENT_LAYERS, STYLE_LAYERS, HostReadCounter, StyleObjective, StylisedImage,
+                           autocast_gradient_error, evaluate, initial_image, load_image, make_optimizer,
+                           optimisation_step)
 from helpers.training import synchronize, time_per_step
 from helpers.vgg import IMAGENET_MEAN, IMAGENET_STD, VGG19Features
 
@@ -162,6 +165,18 @@ def no_host_sync(vgg: VGG19Features, content: Tensor, style: Tensor) -> str:
         torch.cuda.set_sync_debug_mode(0)
 
 
+def host_reads(vgg: VGG19Features, content: Tensor, style: Tensor) -> str:
+    """Host reads (.item(), float(), bool() of a tensor) per SyncFreeLBFGS iteration, counted on any device."""
+    objective = StyleObjective(vgg, content, style, beta=BETA, tau=TAU)
+    image = StylisedImage(initial_image(content))
+    opt = make_optimizer(image)
+    optimisation_step(objective, image, opt)
+    with HostReadCounter() as counter:
+        for _ in range(3):
+            optimisation_step(objective, image, opt)
+    return f"{counter.reads / 3:.0f} host reads per iteration (counted)"
+
+
 def imagenet_weights_cached() -> bool:
     """True when torchvision's ImageNet VGG19 file is already in the torch hub cache (the bench downloads nothing)."""
     return (Path(torch.hub.get_dir()) / "checkpoints" / Path(VGG19_Weights.IMAGENET1K_V1.url).name).is_file()
@@ -174,10 +189,16 @@ def cuda_rows(vgg: VGG19Features, content: Tensor, style: Tensor, config: dict, 
     torch.backends.cudnn.benchmark = True
     fast_vgg = copy.deepcopy(vgg).to(memory_format=torch.channels_last)
     try:
-        return [notebook_row(fast_vgg, content, style, config, device, judge,
+        rows = [notebook_row(fast_vgg, content, style, config, device, judge,
                              "notebook step, SyncFreeLBFGS, channels-last VGG, cuDNN autotuning", "lbfgs"),
                 notebook_row(fast_vgg, content, style, config, device, judge,
                              f"... and VGG in {str(half).removeprefix('torch.')} autocast", "lbfgs", half)]
+        # No loss scaling: the error below is rounding of the features, which a loss scale does not reduce.
+        error = autocast_gradient_error(StyleObjective(fast_vgg, content, style, beta=BETA, tau=TAU, autocast=half),
+                                        judge, initial_image(content))
+        rows[-1]["gradient_error"] = error
+        rows[-1]["variant"] += f" (gradient {100 * error:.1f} % off float32's, at the start)"
+        return rows
     finally:
         torch.backends.cudnn.benchmark = False
 
@@ -198,7 +219,7 @@ def run(device: torch.device, reduced: bool) -> list[dict]:
         rows += cuda_rows(vgg, content, style, config, device, judge)
         sync_note = no_host_sync(vgg, content, style)
     else:
-        sync_note = "CPU: nothing to synchronise"
+        sync_note = "CPU: nothing to synchronise; " + host_reads(vgg, content, style)
     base_loss = rows[0]["final_loss"]
     size = f"{content.shape[-1]}x{content.shape[-2]}"
     for row in rows:
