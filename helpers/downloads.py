@@ -3,9 +3,11 @@ project and its address (Wikimedia, among others, refuses anonymous clients), an
 do. `fetch_first` tries a list of public sources in turn."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -72,3 +74,23 @@ def fetch_first(urls: Sequence[str], target: str | os.PathLike, role: str = "fil
     raise DownloadError(f"{role} could not be downloaded from any of its {len(urls)} sources:\n"
                         + "\n".join(failures)
                         + f"\nCheck the runtime's internet connection, or download it yourself to '{target}'")
+
+
+def cache_torchvision_weights(weights, role: str, timeout: float = TIMEOUT_S) -> Path:
+    """Download torchvision's `weights` (e.g. VGG19_Weights.IMAGENET1K_V1) through helpers.downloads into the
+    folder where torchvision looks for them (torch.hub's checkpoints), unless they are there; torchvision then
+    loads that file. The file name carries the first hex digits of its SHA-256, which is checked after a download."""
+    import torch  # only here: the rest of this module needs no torch
+
+    name = Path(urllib.parse.urlsplit(weights.url).path).name
+    target = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if target.is_file():
+        return target
+    fetch_first([weights.url], target, role, timeout)
+    expected = name.rsplit("-", 1)[-1].split(".")[0]
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    if not digest.startswith(expected):
+        target.unlink()
+        raise DownloadError(f"{role}: the file from '{weights.url}' is damaged (SHA-256 {digest[:8]}..., expected "
+                            f"{expected}...); run the cell again, or download it yourself to '{target}'")
+    return target

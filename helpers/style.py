@@ -10,7 +10,6 @@ import hashlib
 import io
 import itertools
 import os
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +22,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.functional import pil_to_tensor
 
-from .downloads import TIMEOUT_S, USER_AGENT, DownloadError, fetch_bytes, fetch_first
+from .downloads import (TIMEOUT_S, USER_AGENT, DownloadError, cache_torchvision_weights, fetch_bytes,
+                        fetch_first)
 from .losses import content_loss, gram_matrix, style_loss, total_variation_loss
 from .vgg import VGG19Features
 
@@ -120,24 +120,6 @@ def fetch_painting(key: str, folder: str | os.PathLike, timeout: float = TIMEOUT
     fetch_first(painting.sources, target, f"painting '{painting.title}'", timeout)
     decode_image(target.read_bytes(), target, f"painting '{painting.title}'")  # an error page is no image
     print(f"painting '{painting.title}': downloaded to {target}")
-    return target
-
-
-def cache_torchvision_weights(weights, role: str, timeout: float = TIMEOUT_S) -> Path:
-    """Download torchvision's `weights` (e.g. VGG19_Weights.IMAGENET1K_V1) through helpers.downloads into the
-    folder where torchvision looks for them (torch.hub's checkpoints), unless they are there; torchvision then
-    loads that file. The file name carries the first hex digits of its SHA-256, which is checked after a download."""
-    name = Path(urllib.parse.urlsplit(weights.url).path).name
-    target = Path(torch.hub.get_dir()) / "checkpoints" / name
-    if target.is_file():
-        return target
-    fetch_first([weights.url], target, role, timeout)
-    expected = name.rsplit("-", 1)[-1].split(".")[0]
-    digest = hashlib.sha256(target.read_bytes()).hexdigest()
-    if not digest.startswith(expected):
-        target.unlink()
-        raise DownloadError(f"{role}: the file from '{weights.url}' is damaged (SHA-256 {digest[:8]}..., expected "
-                            f"{expected}...); run the cell again, or download it yourself to '{target}'")
     return target
 
 

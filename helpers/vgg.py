@@ -7,6 +7,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import VGG19_Weights
 
+from .downloads import cache_torchvision_weights
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STAND_IN_NOTE = "VGG19 with random weights (offline stand-in): its losses and images are not meaningful"
@@ -50,6 +52,7 @@ def load_vgg19_features(pretrained: bool) -> nn.Sequential:
     if not pretrained:
         return features
     try:
+        cache_torchvision_weights(VGG19_Weights.IMAGENET1K_V1, "VGG19's ImageNet weights")  # timeout, User-Agent
         state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     except Exception as err:  # the download is the only thing that fails here
         raise RuntimeError(

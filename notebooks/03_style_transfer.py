@@ -43,7 +43,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import AlexNet_Weights, VGG19_Weights
+from torchvision.models import AlexNet_Weights
 from tqdm.auto import tqdm
 
 from helpers.downloads import DownloadError
@@ -239,8 +239,6 @@ show_panels({f"content: {describe_source(CONTENT_IMAGE)}": content,
 
 # %%
 seed_everything(SEED)  # the random-weight stand-in must be rebuilt identically for the reload check
-if PRETRAINED:  # download once (548 MB) into torchvision's cache, with a timeout
-    cache_torchvision_weights(VGG19_Weights.IMAGENET1K_V1, "VGG19's ImageNet weights")
 vgg = VGG19Features([*CONTENT_LAYERS, *STYLE_LAYERS], PRETRAINED, POOLING).to(DEVICE)
 if CHANNELS_LAST:
     vgg = vgg.to(memory_format=torch.channels_last)

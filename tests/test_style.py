@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import style
+from helpers import downloads, style
 from helpers.downloads import PROJECT_URL, DownloadError
 from helpers.training import load_checkpoint, save_checkpoint
 from helpers.vgg import VGG19Features
@@ -219,13 +219,13 @@ def test_torchvision_weights_are_downloaded_once_and_checked(tmp_path, monkeypat
         url = f"http://127.0.0.1:{server.server_port}/tiny-00000000.pth"
 
     try:
-        path = style.cache_torchvision_weights(Weights, "tiny weights")
+        path = downloads.cache_torchvision_weights(Weights, "tiny weights")
         assert path == tmp_path / "hub" / "checkpoints" / f"tiny-{digest[:8]}.pth" and path.read_bytes() == payload
         requests = len(RecordingHandler.user_agents)
-        assert style.cache_torchvision_weights(Weights, "tiny weights") == path
+        assert downloads.cache_torchvision_weights(Weights, "tiny weights") == path
         assert len(RecordingHandler.user_agents) == requests  # found in the cache, not downloaded again
         with pytest.raises(DownloadError, match=r"tiny weights: the file from .* is damaged"):
-            style.cache_torchvision_weights(Damaged, "tiny weights")
+            downloads.cache_torchvision_weights(Damaged, "tiny weights")
         assert not (tmp_path / "hub" / "checkpoints" / "tiny-00000000.pth").exists()
     finally:
         server.shutdown()

@@ -31,3 +31,21 @@ def test_extractor_returns_the_named_layers_in_order_with_avg_pooling():
 def test_unknown_layer_is_refused_with_examples():
     with pytest.raises(ValueError, match="unknown VGG19 layer.*conv4_2"):
         VGG19Features(["conv6_1"], pretrained=False)
+
+
+def test_pretrained_weights_download_through_helpers_downloads(monkeypatch):
+    # the ImageNet weights come through helpers.downloads (timeout, the project's User-Agent, a clear error);
+    # a failed download must say what to do, not hang or fall back to random weights
+    from helpers import vgg as vgg_module
+    from helpers.downloads import DownloadError
+
+    calls = []
+
+    def refuse(weights, role, *args, **kwargs):
+        calls.append(weights.url)
+        raise DownloadError(f"{role} could not be downloaded (test)")
+
+    monkeypatch.setattr(vgg_module, "cache_torchvision_weights", refuse)
+    with pytest.raises(RuntimeError, match="SMOKE=1"):
+        vgg_module.load_vgg19_features(pretrained=True)
+    assert calls == [vgg_module.VGG19_Weights.IMAGENET1K_V1.url]
