@@ -52,3 +52,15 @@ def test_the_tiny_text_encoder_loads_and_embeds_a_caption(tmp_path):
     assert tokens["input_ids"][0].tolist().count(1) == 0  # every word is in the vocabulary (id 1: [UNK])
     hidden = AutoModel.from_pretrained(folder)(**tokens).last_hidden_state
     assert hidden.shape == (1, 8, 32)  # [CLS], 6 words, [SEP]
+
+
+def test_the_unit_row_selects_the_gpu_path_tests():
+    # the unit row runs tests chosen by name: it must find the CUDA-only ones and the fp16/GradScaler ones of
+    # every family (a renamed test would silently drop out of make gpu-check)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                          str(gpu_check.ROOT / "tests"), "-k", gpu_check.UNIT_TESTS],
+                         capture_output=True, text=True, cwd=gpu_check.ROOT).stdout
+    for test_file in ("test_mnist_gan", "test_style", "test_text2image", "test_pix2pixhd_training",
+                      "test_sd_lora", "test_environment_training"):
+        assert f"tests/{test_file}.py::" in out, f"make gpu-check's unit row selects no test of {test_file}"
+    assert "test_optimisation_step_never_waits_for_the_gpu" in out and "test_graphed_step" in out

@@ -6,7 +6,8 @@ pass/fail table (notebook x path). Meant for a lent GPU machine; about 10 minute
     python tools/gpu_check.py --execute NB     # (internal) run one notebook's code cells in IPython
 
 What it runs, each row of the table:
-  unit        the CUDA-only unit tests (CUDA graph = eager updates, sync-free L-BFGS, ...)
+  unit        the unit tests of the GPU path (UNIT_TESTS: CUDA graph = eager updates, sync-free L-BFGS, every
+              fp16 autocast + GradScaler step, the T4 choices)
   smoke-t4    every notebook in smoke mode on CUDA with a T4's choices forced (EMULATE_T4=1: fp16 autocast,
               GradScaler, no bf16, no TF32)
   rerun       every notebook a second time in the same RUN_DIR (a second Run all resumes or reuses)
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# pytest -k: the tests of the GPU path, by the words their names use (CUDA-only ones skip on a CPU)
+UNIT_TESTS = "cuda or graphed or never_waits or t4 or float16 or fp16 or autocast or scaler or emulation"
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 NEEDED = {"IPython": "ipython", "nbformat": "nbformat", "diffusers": "diffusers", "peft": "peft",
           "accelerate": "accelerate", "torchmetrics": "torchmetrics", "torch_fidelity": "torch-fidelity",
@@ -165,7 +168,7 @@ def main(argv: list[str]) -> int:
     if "unit" not in args.skip:
         rows.append(["all (unit tests)", "unit"])
         run(rows[-1], [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-k",
-                       "cuda or graphed or never_waits"], env, log, 300)
+                       UNIT_TESTS], env, log, 300)
     for leg, emulate, folder in (("smoke-t4", "1", "t4"), ("rerun", "1", "t4")):
         if leg in args.skip:
             continue
