@@ -73,14 +73,15 @@ PROMPTS = ["a photo of a sneaker", "a picture of a handbag", "a long dress",
 T = 1000                                   # timesteps of the forward process
 LATENT_WIDTHS, PIXEL_WIDTHS = (32, 64), (16, 32, 64)  # U-Net channels per level
 LR, P_UNCOND, EMA_DECAY = 1e-3, 0.1, 0.999  # learning rate, label dropout, weight average
+AE_BATCH = 64                              # images per autoencoder training step
 GUIDANCE_SWEEP = (0.0, 1.0, 1.5, 2.0, 3.0)  # guidance scales compared in section 9
 PIXEL_DDIM_STEPS = 10                      # the pixel model's denoising steps in the scoreboard
 COMPARE_SAMPLES, CURVE_SAMPLES = 1_000, 500  # images per compared variant, per point of the curve
 CURVE_POINTS = 4                           # FD measurements during training
 DATASET, TRAIN_LIMIT, CLASSIFIER_EPOCHS = "FashionMNIST", None, 3  # as in notebook 02
 if SMOKE:  # CI's tiny run: you can ignore this
-    AE_STEPS, LATENT_STEPS, PIXEL_STEPS, BATCH_SIZE = 20, 30, 10, 32
-    N_SAMPLES, COMPARE_SAMPLES, CURVE_SAMPLES, CURVE_POINTS = 100, 100, 100, 2
+    AE_STEPS, LATENT_STEPS, PIXEL_STEPS, BATCH_SIZE, AE_BATCH = 10, 20, 4, 16, 16
+    N_SAMPLES, COMPARE_SAMPLES, CURVE_SAMPLES, CURVE_POINTS = 50, 50, 50, 2
     TRAIN_LIMIT, CLASSIFIER_EPOCHS, T = 4_000, 1, 100
     GUIDANCE_SWEEP = (0.0, 1.5)
 
@@ -195,6 +196,7 @@ plt.show()
 # %% [markdown]
 # One training step: pick a batch, a random step $t$ and random noise per image, and regress the noise.
 # A copy of the weights that moves slowly (an **exponential moving average**, EMA) makes the samples.
+# Its memory starts short and grows, so that the first random weights do not linger in it.
 # Training replaces the label by "no class" for 10 % of the images. Section 6 explains why.
 
 # %% [helpers] diffusion/train: diffusion_loss, ema_update, train_step
@@ -305,7 +307,7 @@ print(f"w = 0 equals the conditional prediction; w = 2 equals 3 cond - 2 uncond 
 
 # %%
 autoencoder = AutoEncoder(4).to(DEVICE, memory_format=MEMORY)
-ae_info = train_autoencoder(autoencoder, train_images.to(DEVICE), AE_STEPS, 64, 2e-3, RUN_DIR,
+ae_info = train_autoencoder(autoencoder, train_images.to(DEVICE), AE_STEPS, AE_BATCH, 2e-3, RUN_DIR,
                             CHOICES, SEED)
 autoencoder.eval().requires_grad_(False)
 with torch.no_grad():

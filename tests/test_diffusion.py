@@ -341,3 +341,16 @@ def test_the_scoreboard_is_reused_only_with_the_same_settings(tmp_path):
     assert ev.load_scoreboard(path, {"n": 10})["rows"] == {"x": {"fd": 1.0}}
     assert ev.load_scoreboard(path, {"n": 20})["rows"] == {}
     assert ev.fmt({"a": 0.5}, "a", ".1%") == "50.0%" and ev.fmt({}, "a", ".1%") == "–"
+
+
+def test_the_weight_average_warms_up_so_a_short_run_does_not_sample_its_initial_weights(tmp_path):
+    """With decay 0.999 from the first step, 300 steps leave 74 % of the initial weights in the average
+    (0.999^300) and the samples are noise. The warm-up min(decay, (1 + step) / (10 + step)) forgets them."""
+    latents, labels = data()
+    run = tiny(30, 0)
+    run = DenoiserRun(run.model, Plan(30, 8, 1e-2, 0.1, 0.999, checkpoint_every=30), CPU)
+    initial = [p.clone() for p in run.ema.parameters()]
+    train_denoiser(run, NoiseSchedule("cosine", 50), latents, labels, ClassLabels(10), tmp_path, {})
+    to_model = sum(float((e - p).norm()) for e, p in zip(run.ema.parameters(), run.model.parameters()))
+    to_initial = sum(float((e - i).norm()) for e, i in zip(run.ema.parameters(), initial))
+    assert to_model < to_initial, (to_model, to_initial)

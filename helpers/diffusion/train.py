@@ -93,7 +93,8 @@ def train_step(run: DenoiserRun, schedule: NoiseSchedule, data: Tensor, labels: 
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    ema_update(run.ema, run.model, plan.ema_decay)
+    # the average starts short and grows to ema_decay, so that early weights do not linger in it
+    ema_update(run.ema, run.model, min(plan.ema_decay, (1 + run.step) / (10 + run.step)))
     return loss.detach()
 
 
