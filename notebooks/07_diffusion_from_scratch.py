@@ -3,14 +3,14 @@
 #
 # {{BADGE}}
 #
-# You will build a diffusion model piece by piece and train it on FashionMNIST. It learns to remove noise
-# from images. Then it makes new clothes from pure noise, guided by a sentence such as "a photo of a sneaker".
-# At the end you score it with the same measure as the GANs of notebooks 01 and 02.
+# You will build a diffusion model piece by piece and train it on FashionMNIST. It learns to remove
+# noise from images. Then it makes new clothes from pure noise, guided by a sentence such as "a photo of
+# a sneaker". The same measure as in notebooks 01 and 02 scores it against the GANs.
 #
 # You will learn:
-# * how the forward process adds noise, and how a network learns to predict that noise;
-# * how DDPM and DDIM turn noise back into images, in 1,000 or in 20 steps;
-# * how classifier-free guidance trades variety for faithfulness;
+# * how noise is added, and how a network learns to predict it,
+# * how DDPM and DDIM turn noise back into images,
+# * how classifier-free guidance trades variety for faithfulness,
 # * why Stable Diffusion works in a small latent space, and how text enters by cross-attention.
 #
 # **Run time:** {{RUN_TIME}}
@@ -19,15 +19,14 @@
 
 # %% [markdown]
 # ## 1. Settings
-# * `SCHEDULE`: how fast noise grows over the timesteps, "cosine" or "linear" (section 3).
-# * `AE_STEPS`, `LATENT_STEPS`, `PIXEL_STEPS`: training steps of the autoencoder, of the main model that
-#   works in the latent space, and of a smaller model that works on pixels.
+# * `SCHEDULE`: the noise schedule, "cosine" or "linear".
+# * `AE_STEPS`, `LATENT_STEPS`, `PIXEL_STEPS`: training steps of the autoencoder, the main model and
+#   the small pixel model.
 # * `BATCH_SIZE`: images per training step.
-# * `GUIDANCE`: the guidance scale $w$ for the final samples (section 6). 0 means no guidance.
-# * `DDIM_STEPS`: denoising steps per sample for the final samples.
-# * `N_SAMPLES`: how many images are scored. The GAN notebooks score 10,000.
+# * `GUIDANCE`, `DDIM_STEPS`: the guidance scale $w$ and the denoising steps of the final samples.
+# * `N_SAMPLES`: images in the final score. The GAN notebooks score 10,000 too.
 # * `PROMPTS`: your own sentences for the text-to-image part.
-# * `RUN_DIR_ON_DRIVE`: in Colab, keep the run on Google Drive so a new session resumes it.
+# * `RUN_DIR_ON_DRIVE`: in Colab, keep the run on Google Drive so that a new session resumes it.
 
 # %%
 import math
@@ -95,14 +94,12 @@ print(f"device: {CHOICES.describe()} | run folder: {RUN_DIR}")
 
 # %% [markdown]
 # ## 2. The data and the judge
-# FashionMNIST has 70,000 grayscale images of clothes, 28×28 pixels, in ten classes. Pixels are scaled to
-# the range −1 to 1. We keep the 10,000 test images aside to judge the samples.
-#
-# The judge is the one from notebooks 01 and 02. A small classifier is trained on the training images. The
-# **Fréchet distance (FD)** compares the classifier's features of generated and real images. It fits a
-# Gaussian to each set and measures how far apart the two are. Lower is better, and 0 means the same
-# statistics. **Class coverage** is the entropy of the predicted classes. It is ln 10 = 2.303 nats when all
-# ten classes appear equally often.
+# FashionMNIST holds grayscale clothes of 28×28 pixels in ten classes. The 10,000 test images judge
+# the samples. The judge is the one of notebooks 01 and 02: a small classifier trained on the training
+# images. The **Fréchet distance (FD)** fits a Gaussian to the classifier's features of the generated
+# images and one to those of the real images. It measures how far apart the two are: lower is better.
+# **Class coverage** is the entropy of the predicted classes. It is ln 10 = 2.303 nats when all ten
+# classes appear equally often.
 
 # %%
 train_set = data.load_mnist_like(DATASET, DATA_DIR, train=True)
@@ -183,9 +180,9 @@ plt.show()
 # $$\mathcal{L} = \mathbb{E}_{x_0, t, \varepsilon}\, \big\lVert \varepsilon -
 # \varepsilon_\theta(\sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \varepsilon,\ t) \big\rVert^2.$$
 #
-# The network is a small **U-Net**. It shrinks the image through a few levels, then grows it back. Skip
-# connections carry the fine details across. The step $t$ enters as a **sinusoidal embedding**: a vector of
-# sines and cosines of $t$ at many frequencies. A class label enters as a learned vector added to it.
+# The network is a small **U-Net**. It shrinks the image, then grows it back. **Skip connections** carry
+# the fine details across. The step $t$ enters as sines and cosines of $t$ at many frequencies. A class
+# label enters as a learned vector.
 
 # %% [helpers] diffusion/model: timestep_embedding, CrossAttention
 
@@ -197,7 +194,7 @@ plt.show()
 # One training step: pick a batch, a random step $t$ and random noise per image, and regress the noise.
 # A copy of the weights that moves slowly (an **exponential moving average**, EMA) makes the samples.
 # Its memory starts short and grows, so that the first random weights do not linger in it.
-# Training replaces the label by "no class" for 10 % of the images. Section 6 explains why.
+# Training replaces the label by "no class" for one image in ten. The section on guidance explains why.
 
 # %% [helpers] diffusion/train: diffusion_loss, ema_update, train_step
 
@@ -235,6 +232,21 @@ print(f"pixel model: {count_parameters(pixel_model):,} parameters, {pixel_run.st
 # %% [helpers] diffusion/sample: ddim_timesteps, ddim_sample
 
 # %% [markdown]
+# Now the pixel model's first images: with all of DDPM's steps, and with DDIM's 20.
+
+# %%
+pixel_ema = pixel_run.ema.eval()
+labels16 = torch.arange(16) % 10
+start_noise = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(SEED)).to(DEVICE)
+cond = classes.inputs(labels16.to(DEVICE))
+with torch.no_grad():
+    by_ddpm = ddpm_sample(lambda x, t: pixel_ema(x, t, **cond), schedule, start_noise,
+                          torch.Generator().manual_seed(SEED)).clamp(-1, 1)
+    by_ddim = ddim_sample(lambda x, t: pixel_ema(x, t, **cond), schedule, start_noise, 20, clip=1.0)
+plotting.show_panels({f"DDPM, {T} steps": by_ddpm, "DDIM, 20 steps": by_ddim},
+                     "The pixel model's first samples", RUN_DIR / "pixel_first_samples.png")
+
+# %% [markdown]
 # A check of DDIM. If the network knew the true noise, DDIM with $\eta = 0$ would give back the clean image.
 
 # %%
@@ -252,21 +264,6 @@ rebuilt = ddim_sample(true_eps, schedule, x_start, 10)
 error = (rebuilt - x_clean).abs().max().item()
 print(f"DDIM with the true noise: largest pixel error {error:.2e}")
 assert error < 1e4 * torch.finfo(torch.float32).eps, error
-
-# %% [markdown]
-# Now the pixel model's first images. One row per class, with DDPM's 1,000 steps and with DDIM's 20.
-
-# %%
-pixel_ema = pixel_run.ema.eval()
-labels16 = torch.arange(16) % 10
-start_noise = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(SEED)).to(DEVICE)
-cond = classes.inputs(labels16.to(DEVICE))
-with torch.no_grad():
-    by_ddpm = ddpm_sample(lambda x, t: pixel_ema(x, t, **cond), schedule, start_noise,
-                          torch.Generator().manual_seed(SEED)).clamp(-1, 1)
-    by_ddim = ddim_sample(lambda x, t: pixel_ema(x, t, **cond), schedule, start_noise, 20, clip=1.0)
-plotting.show_panels({f"DDPM, {T} steps": by_ddpm, "DDIM, 20 steps": by_ddim},
-                     "The pixel model's first samples", RUN_DIR / "pixel_first_samples.png")
 
 # %% [markdown]
 # ## 6. Classifier-free guidance

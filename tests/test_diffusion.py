@@ -354,3 +354,14 @@ def test_the_weight_average_warms_up_so_a_short_run_does_not_sample_its_initial_
     to_model = sum(float((e - p).norm()) for e, p in zip(run.ema.parameters(), run.model.parameters()))
     to_initial = sum(float((e - i).norm()) for e, i in zip(run.ema.parameters(), initial))
     assert to_model < to_initial, (to_model, to_initial)
+
+
+def test_the_bench_case_times_the_taught_step_on_the_cpu():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import bench_diffusion  # noqa: E402  (tools/bench_diffusion.py)
+
+    rows = bench_diffusion.run(torch.device("cpu"), reduced=True)
+    assert [r["baseline"] for r in rows] == [True] and rows[0]["notebook"] == "07"
+    assert rows[0]["ms_per_step"] > 0 and rows[0]["it_per_s"] == pytest.approx(1000 / rows[0]["ms_per_step"])
