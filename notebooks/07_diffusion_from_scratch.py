@@ -226,6 +226,10 @@ print(f"pixel model: {count_parameters(pixel_model):,} parameters, {pixel_run.st
 # $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$. Then it jumps to an
 # earlier step $s$: $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s}\,\varepsilon_\theta$.
 # With no fresh noise ($\eta = 0$) the same start always gives the same image.
+#
+# One detail matters in practice. At the noisiest step $\bar\alpha_t$ is almost 0, so $\hat x_0$
+# divides a small error by a tiny number. We **clip** $\hat x_0$ to the range of the data: −1 to 1 for
+# pixels, and the range of the training codes in section 7.
 
 # %% [helpers] diffusion/sample: EpsFn, ddpm_sample
 
@@ -314,11 +318,17 @@ with torch.no_grad():
                          for i in range(0, N_SAMPLES, 2000)])[:N_SAMPLES]
 CODE_MEAN, CODE_STD = codes.mean().item(), codes.std().item()
 latents = (codes - CODE_MEAN) / CODE_STD  # scaled to unit variance, as Stable Diffusion does
+LATENT_CLIP = latents.abs().max().item()  # DDIM's guess of the clean code stays in this range
 
 
 def decode(z: Tensor) -> Tensor:
     """Scaled latents -> images in [-1, 1]."""
     return autoencoder.decode(z * CODE_STD + CODE_MEAN)
+
+
+def latent_ddim(eps_fn, schedule: NoiseSchedule, x_T: Tensor, steps: int, **kwargs) -> Tensor:
+    """DDIM in the latent space, its guess of x0 clipped to the range of the training codes."""
+    return ddim_sample(eps_fn, schedule, x_T, steps, clip=LATENT_CLIP, **kwargs)
 
 
 ae_floor = score(rebuilt)
@@ -362,7 +372,7 @@ latent_shape = tuple(latents.shape[1:])
 def curve_fd(run: DenoiserRun) -> float:
     """FD of CURVE_SAMPLES guided DDIM samples of the EMA weights (the curve of section 9)."""
     labels = ev.balanced_labels(CURVE_SAMPLES)
-    images = ev.generate(run.ema, schedule, captions, labels, latent_shape, ddim_sample, guided_eps,
+    images = ev.generate(run.ema, schedule, captions, labels, latent_shape, latent_ddim, guided_eps,
                          DDIM_STEPS, GUIDANCE, DEVICE, CHOICES, SEED, decode)
     run.model.train()
     return score(images)["fd"]
@@ -390,7 +400,7 @@ prompt_inputs = {k: v.repeat_interleave(4, 0).to(DEVICE) for k, v in
 null = {k: v.to(DEVICE) for k, v in captions.null_inputs(4 * len(PROMPTS)).items()}
 start = torch.randn(4 * len(PROMPTS), *latent_shape, generator=torch.Generator().manual_seed(SEED))
 with torch.no_grad(), CHOICES.autocast():
-    z = ddim_sample(guided_eps(text_ema, prompt_inputs, null, GUIDANCE), schedule, start.to(DEVICE),
+    z = latent_ddim(guided_eps(text_ema, prompt_inputs, null, GUIDANCE), schedule, start.to(DEVICE),
                     DDIM_STEPS)
     from_prompts = decode(z).float().clamp(-1, 1).cpu()
 assert torch.isfinite(from_prompts).all(), "every sample must be finite"
@@ -403,7 +413,7 @@ plotting.show_rows([(p, from_prompts[4 * i:4 * i + 4]) for i, p in enumerate(PRO
 # %%
 trajectory: list[Tensor] = []
 with torch.no_grad(), CHOICES.autocast():
-    ddim_sample(guided_eps(text_ema, {k: v[:1] for k, v in prompt_inputs.items()},
+    latent_ddim(guided_eps(text_ema, {k: v[:1] for k, v in prompt_inputs.items()},
                            {k: v[:1] for k, v in null.items()}, GUIDANCE),
                 schedule, start[:1].to(DEVICE), DDIM_STEPS, trajectory=trajectory)
     path_images = decode(torch.cat(trajectory).to(DEVICE)).float().clamp(-1, 1).cpu()
@@ -441,7 +451,7 @@ def scored(name: str, make_images, labels: Tensor = labels_n, keep: bool = False
 
 def latent_images(steps: int, w: float, n: int = N_SAMPLES) -> Tensor:
     return ev.generate(text_ema, schedule, captions, ev.balanced_labels(n), latent_shape,
-                       ddim_sample, guided_eps, steps, w, DEVICE, CHOICES, SEED + 1, decode)
+                       latent_ddim, guided_eps, steps, w, DEVICE, CHOICES, SEED + 1, decode)
 
 
 # %%

@@ -365,3 +365,25 @@ def test_the_bench_case_times_the_taught_step_on_the_cpu():
     rows = bench_diffusion.run(torch.device("cpu"), reduced=True)
     assert [r["baseline"] for r in rows] == [True] and rows[0]["notebook"] == "07"
     assert rows[0]["ms_per_step"] > 0 and rows[0]["it_per_s"] == pytest.approx(1000 / rows[0]["ms_per_step"])
+
+
+def test_ddim_on_the_cosine_schedule_needs_its_x0_guess_clipped_when_the_noise_is_slightly_wrong():
+    """At t = T - 1 the cosine schedule's alpha_bar is about 1e-8 (its last beta is capped at 0.999), so a
+    small error in eps becomes a huge x0 guess. A network only predicts noise of the size it was trained
+    on (here: the true noise, bounded by 4, plus a small error): unclipped samples blow up, clipped ones
+    stay near the data."""
+    schedule = NoiseSchedule("cosine", 1000)
+    assert schedule.alpha_bars[-1] < 1e-7
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(16, 4, 7, 7, generator=g) * 2 - 1
+    x_T = torch.randn(16, 4, 7, 7, generator=g)
+    error = 0.05 * torch.randn(16, 4, 7, 7, generator=g)
+
+    def slightly_wrong_eps(x, t):
+        abar = schedule.at(schedule.alpha_bars, t, x)
+        return ((x - abar.sqrt() * x0) / (1 - abar).sqrt()).clamp(-4, 4) + error
+
+    unclipped = ddim_sample(slightly_wrong_eps, schedule, x_T, 20)
+    clipped = ddim_sample(slightly_wrong_eps, schedule, x_T, 20, clip=1.0)
+    assert unclipped.abs().max() > 50, unclipped.abs().max()
+    assert (clipped - x0).abs().max() < 0.5, (clipped - x0).abs().max()
