@@ -430,7 +430,7 @@ plotting.show_grid(path_images, f"{PROMPTS[0]!r}: the guess of x0 at each DDIM s
 # classifier reads as the class that was asked for. A second run of the notebook reuses the scores saved in
 # `scoreboard.json`.
 #
-# ⏱ This cell draws about 20,000 images. It takes 5 to 15 minutes on a CPU.
+# ⏱ This cell draws about 20,000 images: about 5 minutes on 2 CPU cores.
 
 # %%
 board_path = RUN_DIR / "scoreboard.json"
