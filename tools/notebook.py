@@ -13,6 +13,7 @@ runtime lacks them. A source is split into cells at the lines that start with '#
                                     imports embedded (compressed), shown collapsed in Colab
     # %% [helpers] MODULE: A, B     code cell holding the definitions A and B copied from helpers/MODULE.py: the code
                                     a student studies and edits; the cells below use it, tests keep it equal
+                                    (MODULE may name a module of a family package: diffusion/model)
 
 `{{NAME}}` anywhere in a source is replaced by the notebook's text value NAME; `{{BADGE}}` is its Colab badge.
 The build refuses a [helpers] cell whose code uses a name that no earlier cell defines or imports.
@@ -45,7 +46,8 @@ BRANCH = "main"
 
 MAX_LINE = 100  # code lines; Colab scrolls longer ones sideways instead of wrapping them
 TAUGHT_HEADER = "# Same code as helpers/{module}.py (a test keeps them equal): edit and re-run to use your version."
-TAUGHT_PATTERN = re.compile(r"^# Same code as helpers/(\w+)\.py ")
+SHORT_HEADER = "# Same code as helpers/{module}.py (a test keeps them equal): edit it and re-run."  # longer paths
+TAUGHT_PATTERN = re.compile(r"^# Same code as helpers/([\w/]+)\.py ")
 MARKER = re.compile(r"^# %%(?: (?P<setup>SETUP)| \[(?P<kind>markdown|helpers)\](?P<arg>.*))?\s*$")
 IPYTHON_NAMES = {"display", "get_ipython", "In", "Out"}
 
@@ -119,7 +121,10 @@ def taught_cell(argument: str) -> str:
     names_list = [n.strip() for n in names.split(",") if n.strip()]
     if not module.strip() or not names_list:
         raise BuildError(f"'# %% [helpers] {argument}' should read '# %% [helpers] MODULE: NAME, NAME'")
-    return TAUGHT_HEADER.format(module=module.strip()) + "\n" + definitions(module.strip(), names_list)
+    header = TAUGHT_HEADER.format(module=module.strip())
+    if len(header) > MAX_LINE:
+        header = SHORT_HEADER.format(module=module.strip())
+    return header + "\n" + definitions(module.strip(), names_list)
 
 
 def parse_taught_cell(source: str) -> tuple[str, str] | None:
@@ -159,38 +164,54 @@ def global_names_used(code: str) -> set[str]:
     return used - bound_names(code) - set(dir(builtins)) - IPYTHON_NAMES
 
 
-def helper_imports(code: str) -> set[str]:
-    """helpers modules that a piece of code imports ('from helpers import x', 'from helpers.x import', relative)."""
+def helper_imports(code: str, package: str = "") -> set[str]:
+    """helpers modules that a piece of code imports ('from helpers import x', 'from helpers.x import', relative
+    ones resolved from `package`, the folder under helpers/ of the file that holds the code), as paths under
+    helpers/ without '.py': 'metrics', 'diffusion/model'."""
     modules: set[str] = set()
     for node in ast.walk(ast.parse(python_only(code))):
         if isinstance(node, ast.ImportFrom):
-            parts = (node.module or "").split(".")
-            if node.level == 1 and node.module:  # inside helpers: from .training import ...
-                modules.add(parts[0])
-            elif node.level == 1:
-                modules.update(alias.name for alias in node.names)
-            elif parts[0] == "helpers" and len(parts) > 1:
-                modules.add(parts[1])
-            elif parts[0] == "helpers":
-                modules.update(alias.name for alias in node.names)
+            parts = (node.module or "").split(".") if node.module else []
+            if node.level:  # inside helpers: from .training import ..., from ..metrics import ...
+                base = package.split("/") if package else []
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+            elif parts and parts[0] == "helpers":
+                base, parts = [], parts[1:]
+            else:
+                continue
+            if parts:
+                modules.add("/".join(base + parts))
+                if (HELPERS.joinpath(*base, *parts)).is_dir():  # from helpers.family import module
+                    modules.update("/".join(base + parts + [a.name]) for a in node.names
+                                   if HELPERS.joinpath(*base, *parts, f"{a.name}.py").is_file())
+            else:
+                modules.update("/".join(base + [alias.name]) for alias in node.names)
         elif isinstance(node, ast.Import):
-            modules.update(a.name.split(".")[1] for a in node.names if a.name.startswith("helpers."))
+            modules.update(a.name.split(".", 1)[1].replace(".", "/") for a in node.names
+                           if a.name.startswith("helpers."))
     return modules
 
 
 def embedded_modules(codes: list[str]) -> list[str]:
-    """The helpers/*.py files a notebook needs: those its cells import, and theirs in turn, plus __init__.py."""
+    """The helpers/*.py files a notebook needs: those its cells import, and theirs in turn, plus __init__.py
+    (and the __init__.py of each family package they live in)."""
     todo = set().union(*(helper_imports(code) for code in codes))
     needed: set[str] = set()
     while todo:
         module = todo.pop()
         if module in needed:
             continue
+        if (HELPERS / module).is_dir():  # a package: its __init__.py
+            module = f"{module}/__init__"
         path = HELPERS / f"{module}.py"
         if not path.is_file():
-            raise BuildError(f"a cell imports helpers.{module}, but helpers/{module}.py does not exist")
+            raise BuildError(f"a cell imports helpers.{module.replace('/', '.')}, but helpers/{module}.py "
+                             "does not exist")
         needed.add(module)
-        todo |= helper_imports(path.read_text()) - needed
+        package = module.rpartition("/")[0]
+        if package:
+            todo.add(f"{package}/__init__")
+        todo |= helper_imports(path.read_text(), package) - needed
     return ["__init__.py"] + sorted(f"{m}.py" for m in needed)
 
 
@@ -211,6 +232,9 @@ def setup_cell(packages: dict[str, str], files: list[str]) -> str:
     width = MAX_LINE - 6
     chunks = "\n".join(f'    "{encoded[i:i + width]}"' for i in range(0, len(encoded), width))
     code = SETUP_TEMPLATE.read_text().rstrip("\n")
+    if any("/" in name for name in files):  # a family package: its folder is made before its files
+        write = '                (HELPERS_ROOT / "helpers" / name).write_text(text)\n'
+        code = code.replace(write, write.replace(".write_text(text)", ".parent.mkdir(exist_ok=True)") + write, 1)
     code = code.replace("PACKAGES = {}", f"PACKAGES = {json.dumps(packages)}", 1)
     return code.replace('HELPERS = ""', f"HELPERS = (\n{chunks}\n)", 1)
 

@@ -1,0 +1,1 @@
+"""Diffusion from scratch (notebook 07): schedules, networks, training, sampling."""
