@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from helpers.environment import describe_device, pick_device  # noqa: E402
 
-CASES = ("gan", "style", "t2i", "pix2pixhd", "sd_lora")  # tools/bench_<case>.py
+CASES = ("gan", "style", "t2i", "pix2pixhd", "sd_lora", "diffusion")  # tools/bench_<case>.py
 
 
 def with_speedups(rows: list[dict]) -> list[dict]:
