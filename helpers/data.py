@@ -18,6 +18,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from .downloads import socket_timeout
+
 MNIST_LIKE = {"MNIST": datasets.MNIST, "FashionMNIST": datasets.FashionMNIST}
 CLASS_NAMES = {
     "MNIST": [str(d) for d in range(10)],
@@ -98,7 +100,8 @@ def load_mnist_like(name: str, root: str | os.PathLike, train: bool = True) -> D
     cls = MNIST_LIKE[check_dataset_name(name)]
     have_copy = check_raw_files(root, name)
     try:
-        return cls(str(root), train=train, download=not have_copy, transform=to_minus_one_one())
+        with socket_timeout():  # torchvision's download has no timeout: a stalled mirror must not hang
+            return cls(str(root), train=train, download=not have_copy, transform=to_minus_one_one())
     except Exception as err:
         if have_copy:
             raise

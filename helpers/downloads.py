@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 PROJECT_URL = "https://github.com/genimg-notebooks/genimg-notebooks"
 USER_AGENT = f"genimg-notebooks/1.0 (+{PROJECT_URL}; course notebooks) Python-urllib"
@@ -94,3 +96,15 @@ def cache_torchvision_weights(weights, role: str, timeout: float = TIMEOUT_S) ->
         raise DownloadError(f"{role}: the file from '{weights.url}' is damaged (SHA-256 {digest[:8]}..., expected "
                             f"{expected}...); run the cell again, or download it yourself to '{target}'")
     return target
+
+
+@contextmanager
+def socket_timeout(seconds: float = TIMEOUT_S) -> Iterator[None]:
+    """For a library that downloads with no timeout of its own (torchvision's datasets): inside this block a
+    connection that stalls for `seconds` raises instead of hanging Run all for ever."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)

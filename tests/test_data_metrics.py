@@ -91,3 +91,35 @@ def test_uint8_round_trip_of_generator_outputs():
     assert uint8_to_model_input(as_uint8).flatten()[0].item() == -1.0
     with pytest.raises(TypeError, match="uint8"):
         uint8_to_model_input(np.zeros((1, 28, 28), np.float32))
+
+
+def test_torchvision_download_runs_under_a_socket_timeout(tmp_path, monkeypatch):
+    # torchvision's MNIST download has no timeout of its own: load_mnist_like must give it one, and a server that
+    # accepts the connection but never answers must then raise within about that time instead of hanging
+    import socket
+    import time
+    import urllib.request
+
+    from helpers import data, downloads
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, root, train, download, transform):
+            seen.append((download, socket.getdefaulttimeout()))
+
+    monkeypatch.setitem(data.MNIST_LIKE, "MNIST", Recorder)
+    before = socket.getdefaulttimeout()
+    load_mnist_like("MNIST", tmp_path)  # no copy there: it downloads
+    assert seen == [(True, downloads.TIMEOUT_S)] and socket.getdefaulttimeout() == before
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+        start = time.monotonic()
+        with downloads.socket_timeout(0.5), pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{silent.getsockname()[1]}/train-images-idx3-ubyte.gz")
+        assert time.monotonic() - start < 5
+    finally:
+        silent.close()
