@@ -28,14 +28,20 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 
 
-def smoke_mode() -> bool:
-    """True when the environment asks for the small, offline CI run (SMOKE=1)."""
-    value = os.environ.get("SMOKE", "0").strip().lower()
+def env_flag(name: str, hint: str) -> bool:
+    """The environment variable `name` as a switch: 1, true, yes, on / 0, false, no, off (unset or empty: off).
+    Anything else raises, and `hint` says what to set."""
+    value = os.environ.get(name, "0").strip().lower()
     if value in ("", "0", "false", "no", "off"):
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    raise ValueError(f"SMOKE={value!r} is not understood; set SMOKE=1 for the CI-sized run or SMOKE=0 for full mode")
+    raise ValueError(f"{name}={value!r} is not understood; {hint}")
+
+
+def smoke_mode() -> bool:
+    """True when the environment asks for the small, offline CI run (SMOKE=1)."""
+    return env_flag("SMOKE", "set SMOKE=1 for the CI-sized run or SMOKE=0 for full mode")
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -67,12 +73,7 @@ T4_CAPABILITY = (7, 5)  # compute capability of Colab's free Tesla T4: fp16 tens
 def emulate_t4() -> bool:
     """True when the environment asks for EMULATE_T4=1: take the decisions a Tesla T4 would make (fp16 autocast,
     an enabled GradScaler, channels-last, fused Adam, no bf16, no TF32) on whatever device runs."""
-    value = os.environ.get("EMULATE_T4", "0").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"EMULATE_T4={value!r} is not understood; set EMULATE_T4=1 to take a T4's decisions, or 0")
+    return env_flag("EMULATE_T4", "set EMULATE_T4=1 to take a T4's decisions, or 0")
 
 
 @dataclass(frozen=True)

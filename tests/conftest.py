@@ -13,3 +13,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_setup_cell(tmp_path, monkeypatch):
+    """Run a notebook's setup cell as a fresh Colab runtime would: in an empty folder, with no `helpers` imported
+    yet. Returns a function source -> the cell's namespace; afterwards this process's own `helpers` comes back."""
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    saved = {k: v for k, v in sys.modules.items() if k == "helpers" or k.startswith("helpers.")}
+    for key in saved:
+        del sys.modules[key]
+
+    def run(source: str) -> dict:
+        namespace: dict = {}
+        exec(compile(source, "setup", "exec"), namespace)
+        return namespace
+
+    yield run
+    for key in [k for k in sys.modules if k == "helpers" or k.startswith("helpers.")]:
+        del sys.modules[key]
+    sys.modules.update(saved)

@@ -33,22 +33,13 @@ def test_taught_cells_of_a_family_module_name_it_and_fit_a_colab_line():
     assert "def q_sample(" in code
 
 
-def test_the_setup_cell_unpacks_a_family_package_into_its_folder(tmp_path, monkeypatch):
+def test_the_setup_cell_unpacks_a_family_package_into_its_folder(tmp_path, run_setup_cell):
     files = ["__init__.py", "diffusion/__init__.py", "diffusion/schedule.py"]
     source = build_tool.setup_cell({}, files)
     assert ".parent.mkdir(exist_ok=True)" in source
     assert ".parent.mkdir" not in build_tool.setup_cell({}, ["__init__.py", "environment.py"])
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    saved = {k: v for k, v in sys.modules.items() if k == "helpers" or k.startswith("helpers.")}
-    for key in saved:
-        monkeypatch.delitem(sys.modules, key)
-    namespace: dict = {}
-    exec(compile(source, "setup", "exec"), namespace)
+    namespace = run_setup_cell(source)
     unpacked = namespace["HELPERS_ROOT"] / "helpers" / "diffusion" / "schedule.py"
     assert unpacked.read_text() == (ROOT / "helpers" / "diffusion" / "schedule.py").read_text()
     import helpers.diffusion.schedule as schedule  # noqa: E402
     assert schedule.__file__.startswith(str(tmp_path))
-    for key in [k for k in sys.modules if k == "helpers" or k.startswith("helpers.")]:
-        del sys.modules[key]
-    sys.modules.update(saved)

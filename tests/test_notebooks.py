@@ -81,22 +81,13 @@ def test_setup_cell_is_first_collapsed_and_never_clones(name):
     assert "git clone" not in "\n".join(code_cells(name)) and build_tool.REPOSITORY not in cell.source
 
 
-def test_embedding_round_trips_and_the_setup_cell_unpacks_it(tmp_path, monkeypatch):
+def test_embedding_round_trips_and_the_setup_cell_unpacks_it(tmp_path, run_setup_cell):
     source = build_tool.setup_cell({}, ["__init__.py", "environment.py"])
     encoded = build_tool.embedded_payload(source)
     assert build_tool.decode_helpers(encoded)["environment.py"] == (ROOT / "helpers/environment.py").read_text()
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    saved = {k: v for k, v in sys.modules.items() if k == "helpers" or k.startswith("helpers.")}
-    for key in saved:
-        monkeypatch.delitem(sys.modules, key)
-    namespace: dict = {}
-    exec(compile(source, "setup", "exec"), namespace)
+    namespace = run_setup_cell(source)
     assert namespace["HELPERS_ROOT"].parent == tmp_path / ".genimg-helpers"
     assert sys.modules["helpers"].__file__.startswith(str(tmp_path))
-    for key in [k for k in sys.modules if k == "helpers" or k.startswith("helpers.")]:
-        del sys.modules[key]
-    sys.modules.update(saved)
 
 
 def test_build_refuses_a_taught_cell_that_uses_a_name_never_imported(tmp_path, monkeypatch):
