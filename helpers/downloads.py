@@ -78,6 +78,12 @@ def fetch_first(urls: Sequence[str], target: str | os.PathLike, role: str = "fil
                         + f"\nCheck the runtime's internet connection, or download it yourself to '{target}'")
 
 
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The hex digest of a file, read in pieces (a 548 MB weights file is never in memory whole)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
 def cache_torchvision_weights(weights, role: str, timeout: float = TIMEOUT_S) -> Path:
     """Download torchvision's `weights` (e.g. VGG19_Weights.IMAGENET1K_V1) through helpers.downloads into the
     folder where torchvision looks for them (torch.hub's checkpoints), unless they are there; torchvision then
@@ -90,7 +96,7 @@ def cache_torchvision_weights(weights, role: str, timeout: float = TIMEOUT_S) ->
         return target
     fetch_first([weights.url], target, role, timeout)
     expected = name.rsplit("-", 1)[-1].split(".")[0]
-    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    digest = file_digest(target)
     if not digest.startswith(expected):
         target.unlink()
         raise DownloadError(f"{role}: the file from '{weights.url}' is damaged (SHA-256 {digest[:8]}..., expected "

@@ -28,6 +28,13 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    """torch.autocast on `device` in `dtype` (float16 on a T4); a no-op context when `dtype` is None (float32)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def env_flag(name: str, hint: str) -> bool:
     """The environment variable `name` as a switch: 1, true, yes, on / 0, false, no, off (unset or empty: off).
     Anything else raises, and `hint` says what to set."""
@@ -124,9 +131,7 @@ class GpuChoices:
 
     def autocast(self, enabled: bool = True) -> AbstractContextManager:
         """torch.autocast in `amp_dtype` on this device; a no-op context without one."""
-        if self.amp_dtype is None or not enabled:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype if enabled else None)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A GradScaler for this device, enabled exactly when the autocast dtype is fp16."""

@@ -7,7 +7,6 @@ schedule as editable cells (the build copies them from here; a test keeps them e
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import zipfile
@@ -25,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .downloads import TIMEOUT_S, DownloadError, fetch_file
-from .environment import gpu_choices
+from .environment import autocast, gpu_choices
 from .losses import lsgan_discriminator_loss, pix2pixhd_generator_loss
 from .training import History, Stopwatch, load_checkpoint, save_checkpoint, synchronize
 
@@ -467,7 +466,7 @@ def pix2pixhd_train_step(G: nn.Module, D: nn.Module, vgg: nn.Module | None,
     """One iteration as in the official code: one forward pass of G; D on the real pair, the fake
     pair (for G's losses) and the detached fake pair (for D's); an Adam step of G, then one of D.
     amp_dtype: autocast dtype, None for fp32; the scaler scales fp16 losses (a no-op otherwise)."""
-    with torch.autocast(x.device.type, amp_dtype) if amp_dtype else contextlib.nullcontext():
+    with autocast(x.device, amp_dtype):
         fake = G(x)
         d_real = D(x, real)
         d_fake = D(x, fake)  # not detached: L_GAN and L_FM reach G through D

@@ -3,7 +3,6 @@ the attribute classifier behind caption accuracy, Oxford-102 Flowers captions, a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .downloads import TIMEOUT_S, DownloadError, fetch_first, open_url
+from .downloads import TIMEOUT_S, DownloadError, fetch_first, file_digest, open_url
+from .environment import autocast
 from .losses import (feature_matching_mse, gan_cls_discriminator_loss, gan_cls_generator_loss,
                      interpolate_embeddings, l1_image_loss, mode_seeking_loss)
 from .training import History, Stopwatch, load_checkpoint, save_checkpoint
@@ -526,15 +526,6 @@ def download_flowers_captions(root: str | os.PathLike, urls: Sequence[str] | Non
     return target
 
 
-def md5_of(path: Path) -> str:
-    """The md5 sum of a file, read in 1 MiB pieces."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def download_flowers102(root: str | os.PathLike, sources: Sequence[str] = FLOWERS102_SOURCES,
                         timeout: float = TIMEOUT_S) -> Path:
     """Oxford-102 Flowers (images, labels, official splits) in root/flowers-102, where torchvision's Flowers102
@@ -543,13 +534,13 @@ def download_flowers102(root: str | os.PathLike, sources: Sequence[str] = FLOWER
     folder = Path(root) / "flowers-102"
     for name, md5 in FLOWERS102_FILES.items():
         path = folder / name
-        if (name.endswith(".tgz") and (folder / "jpg").is_dir()) or (path.is_file() and md5_of(path) == md5):
+        if (name.endswith(".tgz") and (folder / "jpg").is_dir()) or (path.is_file() and file_digest(path, "md5") == md5):
             continue
         try:
             fetch_first([source + name for source in sources], path, f"Oxford-102 Flowers {name}", timeout)
         except DownloadError as err:
             raise DownloadError(f"{err}\n(the folder torchvision reads: '{folder}'); {SHAPES_INSTEAD}") from err
-        if md5_of(path) != md5:
+        if file_digest(path, "md5") != md5:
             path.unlink()
             raise DownloadError(f"Oxford-102 Flowers {name} arrived damaged (md5 {md5} expected); run the cell "
                                 f"again, or download it yourself from {sources[0]}{name} to '{path}'; "
@@ -778,11 +769,6 @@ def same_caption_pixel_distance(data: CaptionedImageSet | FlowersWithCaptions, n
     idx = torch.randint(len(data), (n_pairs,), generator=generator)
     mates = group_mates(data, idx, generator)
     return (data.image_batch(idx) - data.image_batch(mates)).abs().mean().item()
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    """torch.autocast on `device` in `amp_dtype`; switched off when `amp_dtype` is None (float32)."""
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
 def auxiliary_class_loss(D: Discriminator, features: Tensor, labels: Tensor) -> Tensor:

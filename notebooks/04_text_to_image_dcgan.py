@@ -44,15 +44,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from helpers.environment import (data_dir, describe_device, gpu_choices, in_colab, pick_device,
-                                 run_dir, seed_everything, smoke_mode, use_drive_for_runs)
+from helpers.environment import (autocast, data_dir, describe_device, gpu_choices, in_colab,
+                                 pick_device, run_dir, seed_everything, smoke_mode,
+                                 use_drive_for_runs)
 from helpers.metrics import clip_score
 from helpers.plotting import plot_losses, save_figure, show_over_iterations, show_rows
 from helpers.sd_lora import TINY_MODEL_ID, load_clip
 from helpers.text2image import (
     ATTRIBUTES, DEFAULT_ENCODER, LOCAL_ENCODER_ENV, TEMPLATES, EmbeddingCache,
-    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, autocast,
-    caption_accuracy,
+    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, caption_accuracy,
     dcgan_init, derangement, describe, download_flowers_captions, feature_map_widths,
     flowers_class_split, generate, images_per_caption, load_flowers_captions, make_shapes,
     mean_and_spread, real_images_per_combination, sample_batch,

@@ -49,8 +49,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from helpers.environment import (data_dir, describe_device, in_colab, pick_device, run_dir,
-                                 seed_everything, smoke_mode, use_drive_for_runs)
+from helpers.environment import (autocast, data_dir, describe_device, in_colab, pick_device,
+                                 run_dir, seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.metrics import psnr, ssim
 from helpers.pix2pixhd import (
     CMP_FACADES_CLASSES, FastPath, PairedFolderDataset, ProceduralLabelImages, Progress, Trained,

@@ -17,6 +17,7 @@ from torch import nn
 
 from helpers import text2image as t2i
 from helpers.downloads import USER_AGENT, DownloadError
+from helpers.environment import autocast
 from helpers.losses import feature_matching_mse
 from helpers.training import History, count_parameters
 
@@ -357,7 +358,7 @@ def test_feature_matching_uses_the_discriminator_after_its_step(amp_dtype):
     scalars = t2i.gan_cls_train_step(g, d, opt_g, opt_d, scaler, images, h, h_wrong, labels, recipe, amp_dtype)
     assert scaler.get_scale() == (2.0**8 if amp_dtype else 1.0)   # the step was taken (no overflow)
     torch.manual_seed(1)
-    with torch.no_grad(), t2i.autocast(images.device, amp_dtype):
+    with torch.no_grad(), autocast(images.device, amp_dtype):
         fake = g_before(torch.randn(8, 4), h)       # the step's fakes: its first draw, G before its own step
         fake_features = d(fake, h)[1].float()
         same_d = feature_matching_mse(fake_features, d(images, h)[1].float()).item()
