@@ -36,3 +36,23 @@ def run_setup_cell(tmp_path, monkeypatch):
     for key in [k for k in sys.modules if k == "helpers" or k.startswith("helpers.")]:
         del sys.modules[key]
     sys.modules.update(saved)
+
+
+@pytest.fixture
+def serve_http():
+    """Start a local HTTP server for a request handler class: a function handler -> its base URL. The servers
+    stop after the test."""
+    import http.server
+    import threading
+
+    servers = []
+
+    def start(handler) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()

@@ -108,18 +108,24 @@ def test_lora_trains_only_adapter_weights(tiny_model):
     assert sum(p.numel() for p in sd_lora.LoraParameters(unet).parameters()) == 23_040
 
 
-def test_reloaded_adapter_reproduces_the_trained_unet_when_alpha_is_not_rank(tiny_model, tmp_path):
-    # The LoRA update is (alpha / r) B A: saved without lora_alpha, a reload used alpha = r and halved it here.
+def _trained_lora(tiny_model, alpha: int):
+    """A rank-4 LoRA with `alpha` added to the tiny UNet and trained: the UNet, its prediction on PROBE, and the
+    adapter's effect (the largest change of that prediction)."""
     pipe = sd_lora.load_pipeline(tiny_model)
     base = sd_lora.predict_noise(pipe.unet, PROBE)
-    unet = sd_lora.add_lora(pipe.unet, rank=4, alpha=8)
+    unet = sd_lora.add_lora(pipe.unet, rank=4, alpha=alpha)
     _train(unet, tiny_model)
     trained = sd_lora.predict_noise(unet, PROBE)
+    return unet, trained, (trained - base).abs().max().item()
+
+
+def test_reloaded_adapter_reproduces_the_trained_unet_when_alpha_is_not_rank(tiny_model, tmp_path):
+    # The LoRA update is (alpha / r) B A: saved without lora_alpha, a reload used alpha = r and halved it here.
+    unet, trained, effect = _trained_lora(tiny_model, alpha=8)
     path = sd_lora.save_lora(unet, tmp_path / "adapter")
     fresh = sd_lora.load_pipeline(tiny_model)
     sd_lora.load_lora(fresh, tmp_path / "adapter", "trained")
     reloaded = sd_lora.predict_noise(fresh.unet, PROBE)
-    effect = (trained - base).abs().max().item()
     assert effect > 1e-3, "the trained adapter must change the UNet's prediction"
     assert (reloaded - trained).abs().max().item() <= 1e-6 * effect
     saved, loaded = sd_lora.lora_weights(unet), sd_lora.lora_weights(fresh.unet)
@@ -140,12 +146,7 @@ def test_reload_check_with_alpha_half_the_rank_fails_on_a_wrong_alpha(tiny_model
     # The notebook trains with alpha = r (scale 1): a reload that ignored alpha would pass. So it also saves the
     # same update with alpha = r / 2 and B doubled: only a reload that reads alpha = r / 2 gives the trained model;
     # one that takes alpha = r doubles the adapter's effect.
-    pipe = sd_lora.load_pipeline(tiny_model)
-    base = sd_lora.predict_noise(pipe.unet, PROBE)
-    unet = sd_lora.add_lora(pipe.unet, rank=4, alpha=4)
-    _train(unet, tiny_model)
-    trained = sd_lora.predict_noise(unet, PROBE)
-    effect = (trained - base).abs().max().item()
+    unet, trained, effect = _trained_lora(tiny_model, alpha=4)
     sd_lora.save_lora(unet, tmp_path / "halved", alpha=2)
     fresh = sd_lora.load_pipeline(tiny_model)
     sd_lora.load_lora(fresh, tmp_path / "halved", "halved")

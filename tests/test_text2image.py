@@ -6,7 +6,6 @@ import importlib.util
 import io
 import os
 import tarfile
-import threading
 import urllib.parse
 from pathlib import Path
 
@@ -538,7 +537,7 @@ def caption_archive() -> bytes:
 
 
 @pytest.fixture
-def drive_server():
+def drive_server(serve_http):
     """A local stand-in for Google Drive: /quota answers a page without a form, /warn the virus-scan page whose
     form leads to /download, which sends the archive only with the uuid and the resource key."""
     archive = caption_archive()
@@ -564,10 +563,7 @@ def drive_server():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", agents
-    server.shutdown()
+    return serve_http(Handler), agents
 
 
 def test_flowers_captions_download_follows_the_warning_page_after_a_failed_source(tmp_path, drive_server,
@@ -730,7 +726,7 @@ def flowers102_files() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def oxford_server():
+def oxford_server(serve_http):
     """A local stand-in for robots.ox.ac.uk: /vgg/NAME serves the files, /gone/ answers 404, /bad/ damaged files."""
     files, agents = flowers102_files(), []
 
@@ -750,10 +746,7 @@ def oxford_server():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", agents
-    server.shutdown()
+    return serve_http(Handler), agents
 
 
 def test_flowers102_download_tries_each_source_checks_md5_and_unpacks(tmp_path, oxford_server, monkeypatch):
