@@ -7,7 +7,7 @@ run:
 test:
 	bash tools/test.sh
 bench: setup
-	.venv/bin/python tools/bench.py
+	.venv/bin/python experiments/bench.py
 gpu-check:
 	bash tools/gpu_check.sh
 notebooks:

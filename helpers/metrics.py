@@ -1,5 +1,6 @@
 """Quality measures of the collection: sample quality for MNIST-like GANs (offline Fréchet distance, class
-coverage, torchmetrics' FID where Inception loads), PSNR and SSIM of paired images, and the CLIP score.
+coverage, torchmetrics' FID where Inception loads) and PSNR and SSIM of paired images
+(the CLIP score is in helpers.clip).
 
 The Fréchet distance here is FID's formula, d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}), computed in the
 128-d penultimate features of a small CNN classifier trained on the same dataset (not Inception: numbers are
@@ -11,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .training import load_checkpoint, save_checkpoint
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image normalisation CLIP was trained with
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class MnistClassifier(nn.Module):
@@ -209,49 +206,3 @@ def ssim(fake: Tensor, real: Tensor, data_range: float = 1.0, window: int = 11) 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.flatten(1).mean(1)
-
-
-# --- text-image agreement: CLIP score (notebooks 04 and 06) ------------------------------------------------------
-
-
-def clip_pixels(images: Tensor, size: int) -> Tensor:
-    """CLIP's preprocessing of images in [0, 1] (N, 3, H, W): the shorter side resized to `size` (bicubic,
-    antialiased), the centre `size` x `size` cropped, normalised by CLIP's mean and standard deviation."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    pixels = TF.resize(images.float(), size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    pixels = TF.center_crop(pixels, [size, size]).clamp(0, 1)  # bicubic overshoots a little
-    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-    return (pixels - mean) / std
-
-
-def clip_score_from_embeddings(image_embeds: Tensor, text_embeds: Tensor) -> float:
-    """CLIPScore (Hessel et al. 2021, as torchmetrics computes it): max(100 * mean cosine similarity of the
-    image/caption pairs, 0)."""
-    cosine = F.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
-    return max(100 * cosine.mean().item(), 0.0)
-
-
-@torch.no_grad()
-def clip_image_embeddings(model: Any, images: Tensor) -> Tensor:
-    """Projected CLIP image embeddings of images in [0, 1] (transformers CLIPModel), after clip_pixels."""
-    device = next(model.parameters()).device
-    pixels = clip_pixels(images, model.config.vision_config.image_size).to(device, model.dtype)
-    embeds = model.get_image_features(pixel_values=pixels)
-    return getattr(embeds, "pooler_output", embeds).float()  # transformers 5 returns an output object
-
-
-@torch.no_grad()
-def clip_text_embeddings(model: Any, tokenizer: Any, captions: Sequence[str]) -> Tensor:
-    """CLIP text embeddings of captions (projected; transformers CLIPModel and its tokenizer)."""
-    device = next(model.parameters()).device
-    tokens = tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt").to(device)
-    embeds = model.get_text_features(**tokens)
-    return getattr(embeds, "pooler_output", embeds).float()
-
-
-def clip_score(model: Any, tokenizer: Any, images: Tensor, captions: Sequence[str]) -> float:
-    """CLIPScore of images in [0, 1] against their captions with a transformers CLIPModel."""
-    return clip_score_from_embeddings(clip_image_embeddings(model, images),
-                                      clip_text_embeddings(model, tokenizer, captions))

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+from .clip import TINY_CLIP_TEXT_CONFIG, write_tiny_tokenizer
 from .environment import GpuChoices
 from .losses import diffusion_snr, noise_prediction_loss
 from .training import History, Stopwatch, checkpoints_like, load_checkpoint, save_checkpoint
@@ -53,18 +54,9 @@ TINY_VAE_CONFIG: dict[str, Any] = {
     "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
     "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "sample_size": 64,
 }
-TINY_TEXT_CONFIG: dict[str, Any] = {
-    "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 5,
-    "vocab_size": 1000, "max_position_embeddings": 77, "layer_norm_eps": 1e-5,
-    "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
-}
 TINY_SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-}
-TINY_CLIP_VISION_CONFIG: dict[str, Any] = {
-    "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
-    "image_size": 32, "patch_size": 4,
 }
 
 # Measured by the review session on an H100 (issue 11; device details and date unknown): the SD 1.5-sized UNet with
@@ -95,26 +87,6 @@ class QLoRAUnavailableError(RuntimeError):
 # --- tiny offline components ---------------------------------------------------------------------
 
 
-def byte_level_alphabet() -> list[str]:
-    """The 256 characters byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
-def write_tiny_tokenizer(folder: str | os.PathLike) -> Path:
-    """Write a character-level CLIP tokenizer (vocab.json + a merges.txt holding only its header) into `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for char in byte_level_alphabet():
-            vocab[char + suffix] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return folder
-
-
 def build_tiny_components(folder: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
     """Tiny random UNet, VAE, CLIP text encoder, a local tokenizer and a DDIM scheduler (no download)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -123,9 +95,9 @@ def build_tiny_components(folder: str | os.PathLike, seed: int = 0) -> dict[str,
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_CONFIG))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT_CONFIG))
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(Path(folder) / "tokenizer-files"),
-                                              model_max_length=TINY_TEXT_CONFIG["max_position_embeddings"])
+                                              model_max_length=TINY_CLIP_TEXT_CONFIG["max_position_embeddings"])
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
             "scheduler": DDIMScheduler(**TINY_SCHEDULER_CONFIG)}
 
@@ -725,21 +697,3 @@ def predict_noise(unet: nn.Module, probe: tuple[Tensor, Tensor, Tensor],
     latents, timesteps, text_states = probe
     with autocast():
         return unet(latents, timesteps, text_states, return_dict=False)[0].float().cpu()
-
-
-def load_clip(model_id: str, work_dir: str | os.PathLike, device: torch.device) -> tuple[Any, Any]:
-    """A CLIPModel and tokenizer from the Hub, or for TINY_MODEL_ID a tiny random one (offline stand-in)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    if model_id == TINY_MODEL_ID:
-        torch.manual_seed(0)
-        text = {k: v for k, v in TINY_TEXT_CONFIG.items()}
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=TINY_CLIP_VISION_CONFIG, projection_dim=32))
-        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(Path(work_dir) / "clip-tokenizer"),
-                                                  model_max_length=TINY_TEXT_CONFIG["max_position_embeddings"])
-        return model.to(device).eval(), tokenizer
-    try:
-        return CLIPModel.from_pretrained(model_id).to(device).eval(), CLIPTokenizer.from_pretrained(model_id)
-    except Exception as err:
-        raise ModelLoadError(f"could not load the CLIP model {model_id!r} for the CLIP score ({err}); check the id "
-                             "and your internet connection") from err

@@ -12,9 +12,7 @@ import tarfile
 import urllib.error
 import urllib.parse
 import warnings
-import zipfile
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,7 +23,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .downloads import TIMEOUT_S, DownloadError, fetch_first, file_digest, open_url
+from .downloads import (TIMEOUT_S, DownloadError, download_drive_file, drive_download_urls, fetch_first,
+                        file_digest, unpack_archive)
 from .environment import autocast
 from .losses import (feature_matching_mse, gan_cls_discriminator_loss, gan_cls_generator_loss,
                      interpolate_embeddings, l1_image_loss, mode_seeking_loss)
@@ -421,77 +420,9 @@ FLOWERS102_FILES = {  # file -> md5, the sums torchvision's Flowers102 checks
 }
 
 
-def drive_download_urls(file_id: str, resource_key: str) -> list[str]:
-    """Where Google Drive serves a shared file with a resource key: drive.usercontent.google.com, then the older
-    drive.google.com/uc endpoint (confirm=t skips the can't-scan-for-viruses page where Drive allows it)."""
-    query = urllib.parse.urlencode({"id": file_id, "export": "download", "resourcekey": resource_key, "confirm": "t"})
-    return [f"https://drive.usercontent.google.com/download?{query}", f"https://drive.google.com/uc?{query}"]
-
-
-class _DriveConfirmation(HTMLParser):
-    """Reads Drive's 'download anyway' page: the download form's action and hidden fields, or the link."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.action: str | None = None
-        self.fields: dict[str, str] = {}
-        self.link: str | None = None
-        self._in_form = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: v or "" for k, v in attrs}
-        if tag == "form" and a.get("id") == "download-form":
-            self.action, self._in_form = a.get("action"), True
-        elif tag == "input" and self._in_form and a.get("type") == "hidden" and a.get("name"):
-            self.fields[a["name"]] = a.get("value", "")
-        elif tag == "a" and a.get("id") == "uc-download-link":
-            self.link = a.get("href")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "form":
-            self._in_form = False
-
-
-def drive_confirmation_url(page: str, page_url: str) -> str | None:
-    """The URL behind the 'download anyway' button of a Drive warning page (None if the page has none); the
-    resource key of `page_url` is carried over when the form lacks it."""
-    parser = _DriveConfirmation()
-    parser.feed(page)
-    asked = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(page_url).query))
-    if parser.action:
-        fields = {**({"resourcekey": asked["resourcekey"]} if "resourcekey" in asked else {}), **parser.fields}
-        return urllib.parse.urljoin(page_url, parser.action) + "?" + urllib.parse.urlencode(fields)
-    return urllib.parse.urljoin(page_url, parser.link) if parser.link else None
-
-
-def download_drive_file(url: str, path: Path, timeout: float = TIMEOUT_S) -> Path:
-    """Stream `url` to `path` (the project's User-Agent and timeout, helpers.downloads.open_url), following one
-    Drive 'download anyway' page; a ValueError if HTML comes instead."""
-    for _ in range(2):
-        with open_url(url, timeout) as response:
-            if not response.headers.get_content_type().startswith("text/html"):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as out:
-                    shutil.copyfileobj(response, out, 1 << 20)
-                return path
-            page = response.read().decode("utf-8", errors="replace")
-        next_url = drive_confirmation_url(page, url)
-        if next_url is None:
-            break
-        url = next_url
-    raise ValueError(f"{url} answered with a web page, not the file (Drive quota, login or a changed page)")
-
-
 def unpack_captions_archive(archive: Path, target: Path) -> None:
-    """Unpack a .tar(.gz) or .zip archive into `target` (tar members that would escape it are refused)."""
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zipped:
-            zipped.extractall(target)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tar:
-            tar.extractall(target, filter="data")
-    else:
-        raise ValueError(f"'{archive}' is neither a tar nor a zip archive; {FLOWERS_CAPTIONS_HELP}")
+    """Unpack the captions archive into `target` (helpers.downloads.unpack_archive)."""
+    unpack_archive(archive, target, FLOWERS_CAPTIONS_HELP)
 
 
 def download_flowers_captions(root: str | os.PathLike, urls: Sequence[str] | None = None,

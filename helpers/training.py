@@ -1,6 +1,7 @@
 """Training plumbing shared by the notebooks: checkpoints with resume, scalar history + TensorBoard, metrics.json."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -9,6 +10,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from .environment import describe_device
 
-CHECKPOINT_FORMAT = 2  # 2: one `state` mapping of objects with state_dict()
+CHECKPOINT_FORMAT = 3  # 2: one `state` mapping of objects with state_dict(); 3: every loop keeps one TrainingRun
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -240,6 +242,36 @@ class Stopwatch:
         if self.seconds <= 0:
             return {"it_per_s": 0.0, "img_per_s": 0.0}
         return {"it_per_s": self.iterations / self.seconds, "img_per_s": self.images / self.seconds}
+
+
+@dataclass
+class TrainingRun:
+    """The one record every training loop keeps besides its models and optimizers. A checkpoint stores it
+    through state_dict(), so a re-run cell resumes where it stopped.
+
+    history: the logged scalars; stopwatch: training seconds and counts; snapshots: images made from fixed
+    inputs, by iteration; step: iterations done; epoch: epochs done (of the current stage, in a loop with
+    stages); records: the loop's own plain values (scores per epoch, the best epoch so far), saved as they are."""
+
+    history: History = field(default_factory=History)
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
+    step: int = 0
+    epoch: int = 0
+    records: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything above as plain values (History and Stopwatch through their own state_dict)."""
+        return {"history": self.history.state_dict(), "stopwatch": self.stopwatch.state_dict(),
+                "snapshots": dict(self.snapshots), "step": self.step, "epoch": self.epoch,
+                "records": copy.deepcopy(self.records)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a saved run (the History keeps its TensorBoard writer)."""
+        self.history.load_state_dict(state["history"])
+        self.stopwatch.load_state_dict(state["stopwatch"])
+        self.snapshots, self.records = dict(state["snapshots"]), copy.deepcopy(dict(state["records"]))
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
 
 
 def synchronize(device: torch.device) -> None:

@@ -47,9 +47,8 @@ from tqdm.auto import tqdm
 from helpers.environment import (autocast, data_dir, describe_device, gpu_choices, in_colab,
                                  pick_device, run_dir, seed_everything, smoke_mode,
                                  use_drive_for_runs)
-from helpers.metrics import clip_score
+from helpers.clip import STAND_IN_CLIP_ID, clip_score, load_clip
 from helpers.plotting import plot_losses, save_figure, show_over_iterations, show_rows
-from helpers.sd_lora import TINY_MODEL_ID, load_clip
 from helpers.text2image import (
     ATTRIBUTES, DEFAULT_ENCODER, LOCAL_ENCODER_ENV, TEMPLATES, EmbeddingCache,
     FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, caption_accuracy,
@@ -628,7 +627,7 @@ if DATASET == "shapes":
 # %% [markdown]
 # **CLIP score**: $\max\left(100 \cdot \frac{1}{N}\sum_{i=1}^{N} \cos(E_I(x_i), E_T(t_i)),\ 0\right)$, 100 times
 # the mean cosine between CLIP's image and text vectors over the $N$ image–caption pairs, floored at 0 (the usual
-# CLIPScore; `helpers.metrics.clip_score`, CLIP ViT-B/32, images passed as floats in [0, 1]), of generated
+# CLIPScore; `helpers.clip.clip_score`, CLIP ViT-B/32, images passed as floats in [0, 1]), of generated
 # test-class images with their captions, beside the same score of the real images (the ceiling) and of the
 # generated images with shuffled captions (the floor that says how much of the score is the caption). On flowers this is the measure; smoke mode runs the same code with a tiny random CLIP
 # (a stand-in: its numbers mean nothing); the shapes CPU run uses caption accuracy instead (no CLIP weights offline).
@@ -650,7 +649,7 @@ def clip_scores(model, tokenizer, images: Tensor, captions: list[str]) -> dict[s
 
 
 if DATASET == "flowers" or SMOKE:
-    clip_id = CLIP_MODEL if DATASET == "flowers" else TINY_MODEL_ID
+    clip_id = CLIP_MODEL if DATASET == "flowers" else STAND_IN_CLIP_ID
     clip_model, clip_tokenizer = load_clip(clip_id, RUN_DIR, DEVICE)
     if DATASET == "flowers":
         order = torch.randperm(len(test_data), generator=torch.Generator().manual_seed(SEED))

@@ -73,7 +73,7 @@ from helpers.environment import (describe_device, gpu_choices, in_colab, pick_de
                                  seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.plotting import (plot_losses, save_figure, show_grid, show_image_table,
                               show_over_iterations)
-from helpers.metrics import clip_image_embeddings, clip_score
+from helpers.clip import STAND_IN_CLIP_ID, clip_image_embeddings, clip_score, load_clip
 from helpers.sd_lora import (LORA_WEIGHT_FILE, LoraParameters, MixedPrecision, lora_checkpoints,
                              micro_batch)
 from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb,
@@ -128,7 +128,7 @@ GRADIENT_CHECKPOINTING = None            # None: on only if free GPU memory need
 
 # Adapters, metrics, QLoRA
 LORA_SCALES = [0.0, 0.5, 1.0] if SMOKE else [0.0, 0.25, 0.5, 0.75, 1.0]
-CLIP_MODEL_ID = sd_lora.TINY_MODEL_ID if SMOKE else "openai/clip-vit-base-patch16"
+CLIP_MODEL_ID = STAND_IN_CLIP_ID if SMOKE else "openai/clip-vit-base-patch16"
 CLIP_CAPTIONS = 2 if SMOKE else 8            # training captions scored before/after
 QLORA_STEPS = 2 if SMOKE else 10         # timed 4-bit UNet training steps (after 2 warm-up steps)
 
@@ -675,8 +675,8 @@ fresh.set_adapters(["trained"], adapter_weights=[0.0])
 clip_before_images = images_of(fresh, captions, SEEDS[:1])
 fresh.set_adapters(["trained"], adapter_weights=[1.0])
 clip_after_images = images_of(fresh, captions, SEEDS[:1])
-clip_model, clip_tokenizer = sd_lora.load_clip(CLIP_MODEL_ID, RUN_DIR, DEVICE)
-CLIP_STAND_IN = CLIP_MODEL_ID == sd_lora.TINY_MODEL_ID
+clip_model, clip_tokenizer = load_clip(CLIP_MODEL_ID, RUN_DIR, DEVICE)
+CLIP_STAND_IN = CLIP_MODEL_ID == STAND_IN_CLIP_ID
 if CLIP_STAND_IN:
     STAND_INS.append("tiny random CLIP model for the CLIP score (not meaningful)")
     print("STAND-IN:", STAND_INS[-1])

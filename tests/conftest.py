@@ -22,7 +22,7 @@ def run_setup_cell(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.syspath_prepend(str(tmp_path))  # monkeypatch restores the import path afterwards
     saved = {k: v for k, v in sys.modules.items() if k == "helpers" or k.startswith("helpers.")}
     for key in saved:
         del sys.modules[key]

@@ -1,12 +1,9 @@
-"""tools/bench.py: speed-ups against each notebook's baseline row, the table, and notebook 04's case on the CPU."""
-import sys
-from pathlib import Path
+"""experiments/bench.py: speed-ups against each notebook's baseline row, the table, and notebook 04's case on the CPU."""
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import bench  # noqa: E402
-import bench_t2i  # noqa: E402
+import bench  # experiments/bench.py
+import bench_t2i
 
 
 def test_speedup_is_baseline_time_over_row_time_per_notebook():

@@ -357,10 +357,7 @@ def test_the_weight_average_warms_up_so_a_short_run_does_not_sample_its_initial_
 
 
 def test_the_bench_case_times_the_taught_step_on_the_cpu():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    import bench_diffusion  # noqa: E402  (tools/bench_diffusion.py)
+    import bench_diffusion  # experiments/bench_diffusion.py
 
     rows = bench_diffusion.run(torch.device("cpu"), reduced=True)
     assert [r["baseline"] for r in rows] == [True] and rows[0]["notebook"] == "07"

@@ -1,10 +1,8 @@
 """tools/notebook.py with a family package (helpers/diffusion/): imports, embedding, taught cells, setup cell."""
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import notebook as build_tool  # noqa: E402  (tools/notebook.py)
+import notebook as build_tool  # tools/notebook.py
 
 
 def test_imports_of_a_family_package_are_resolved_to_its_files():

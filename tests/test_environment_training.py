@@ -13,8 +13,8 @@ from torch import nn
 
 from helpers import environment
 from helpers.environment import describe_device, gpu_choices, pick_device, run_dir, seed_everything, smoke_mode, use_drive_for_runs
-from helpers.training import (CheckpointMismatchError, History, Stopwatch, load_checkpoint, save_checkpoint,
-                              time_per_step, write_metrics)
+from helpers.training import (CHECKPOINT_FORMAT, CheckpointMismatchError, History, Stopwatch, TrainingRun,
+                              load_checkpoint, save_checkpoint, time_per_step, write_metrics)
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("0", False), ("", False)])
@@ -173,6 +173,30 @@ def test_stopwatch_throughput_and_state_round_trip():
     restored.load_state_dict(watch.state_dict())
     restored.count(10, 640)
     assert restored.iterations == 20 and restored.images == 1280 and restored.seconds == 2.0
+
+
+def test_training_run_resumes_from_a_checkpoint_with_every_field_and_its_own_writer(tmp_path):
+    run = TrainingRun(History(tmp_path / "tb"), step=7, epoch=2, records={"best": {"epoch": 1, "fd": 3.5}})
+    run.history.log(7, loss=0.25)
+    run.stopwatch.seconds = 1.5
+    run.stopwatch.count(7, 448)
+    run.snapshots[7] = torch.arange(6.0).view(1, 2, 3)
+    save_checkpoint(tmp_path / "last.pt", {"run": run}, run.step)
+    run.records["best"]["epoch"] = 99  # the checkpoint keeps its own copy of the records
+    resumed = TrainingRun(History(tmp_path / "tb2"))
+    load_checkpoint(tmp_path / "last.pt", {"run": resumed})
+    assert (resumed.step, resumed.epoch, resumed.records) == (7, 2, {"best": {"epoch": 1, "fd": 3.5}})
+    assert resumed.history.series("loss") == ([7], [0.25]) and resumed.history.writer is not None
+    assert resumed.stopwatch.state_dict() == {"seconds": 1.5, "iterations": 7, "images": 448}
+    assert torch.equal(resumed.snapshots[7], torch.arange(6.0).view(1, 2, 3))
+
+
+def test_a_checkpoint_of_the_previous_format_is_refused_with_what_to_do(tmp_path):
+    path = save_checkpoint(tmp_path / "old.pt", {"G": _model()})
+    payload = torch.load(path, weights_only=False)
+    torch.save({**payload, "format": CHECKPOINT_FORMAT - 1}, path)
+    with pytest.raises(CheckpointMismatchError, match="delete it .* and train again"):
+        load_checkpoint(path, {"G": _model()})
 
 
 def test_time_per_step_counts_only_the_timed_calls():

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import gpu_check  # noqa: E402  (tools/gpu_check.py)
+import gpu_check  # tools/gpu_check.py
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

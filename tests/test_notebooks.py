@@ -8,8 +8,7 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import notebook as build_tool  # noqa: E402  (tools/notebook.py)
+import notebook as build_tool  # tools/notebook.py
 
 MANIFEST = build_tool.manifest()
 NAMES = sorted(MANIFEST)

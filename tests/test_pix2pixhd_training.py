@@ -304,12 +304,8 @@ def test_step_flops_grow_with_the_batch_and_match_the_official_size():
 
 
 def test_bench_flags_an_fp32_option_whose_gradients_are_wrong(one_thread):
-    """tools/bench_pix2pixhd.py on the CPU (batch 1): channels-last is faster or slower, but its gradients are
+    """experiments/bench_pix2pixhd.py on the CPU (batch 1): channels-last is faster or slower, but its gradients are
     wrong (torch's InstanceNorm, test above), and the bench says so instead of only printing a speed-up."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     import bench_pix2pixhd
 
     assert bench_pix2pixhd.FP32_ROUNDING == SUM_TERMS * FLOAT32_EPS

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from helpers import metrics, sd_lora
+from helpers import clip, sd_lora
 from helpers.environment import gpu_choices
 from helpers.training import count_parameters
 
@@ -51,12 +51,12 @@ def test_tiny_lora_count():
 def test_tiny_tokenizer_is_character_level(tmp_path):
     from transformers import CLIPTokenizer
 
-    folder = sd_lora.write_tiny_tokenizer(tmp_path)
+    folder = clip.write_tiny_tokenizer(tmp_path)
     assert (folder / "merges.txt").read_text() == "#version: 0.2\n"
     tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("A red").input_ids)
     assert tokens == ["<|startoftext|>", "a</w>", "r", "e", "d</w>", "<|endoftext|>"]
-    assert len(tokenizer) == 2 + 2 * 256 <= sd_lora.TINY_TEXT_CONFIG["vocab_size"]
+    assert len(tokenizer) == 2 + 2 * 256 <= clip.TINY_CLIP_TEXT_CONFIG["vocab_size"]
 
 
 def test_tiny_pipeline_loads_and_generates(tiny_model):
@@ -522,8 +522,8 @@ def test_clip_score_by_hand():
     texts = torch.stack([2 * cosines[0], 2 * (1 - cosines[0] ** 2).sqrt()])[None]
     texts = torch.cat([texts, torch.stack([(1 - cosines[1] ** 2).sqrt(), cosines[1]])[None] * 5,
                        torch.stack([cosines[2], -(1 - cosines[2] ** 2).sqrt()])[None]])
-    assert metrics.clip_score_from_embeddings(images, texts) == pytest.approx(100 * 0.2 / 3, rel=1e-6)
-    assert metrics.clip_score_from_embeddings(images, -texts) == 0.0          # mean cosine -0.067 -> 0
+    assert clip.clip_score_from_embeddings(images, texts) == pytest.approx(100 * 0.2 / 3, rel=1e-6)
+    assert clip.clip_score_from_embeddings(images, -texts) == 0.0          # mean cosine -0.067 -> 0
 
 
 def test_clip_preprocessing_is_clips(tmp_path):
@@ -539,21 +539,21 @@ def test_clip_preprocessing_is_clips(tmp_path):
     image = image.clamp(0, 1)
     uint8 = (image * 255).round().to(torch.uint8)
     reference = processor(images=uint8, return_tensors="pt", do_convert_rgb=False).pixel_values
-    ours = metrics.clip_pixels(uint8[None].float() / 255, size)
+    ours = clip.clip_pixels(uint8[None].float() / 255, size)
     assert ours.shape == reference.shape == (1, 3, size, size)
     # the processor rounds to 8 bits: up to about 1.5 levels of 255, over CLIP's std (about 0.27)
-    assert (ours - reference).abs().max() <= 1.5 / 255 / min(metrics.CLIP_STD)
+    assert (ours - reference).abs().max() <= 1.5 / 255 / min(clip.CLIP_STD)
 
 
 def test_clip_embeddings_are_the_projected_ones(tmp_path):
     # CLIPScore compares the projected embeddings (the shared image-text space), not the encoders' pooled
     # outputs; the stand-in's projections are random 32 x 32 matrices, so the two differ
-    model, tokenizer = sd_lora.load_clip(sd_lora.TINY_MODEL_ID, tmp_path, torch.device("cpu"))
+    model, tokenizer = clip.load_clip(clip.STAND_IN_CLIP_ID, tmp_path, torch.device("cpu"))
     images, captions = torch.rand(2, 3, 40, 40), ["a red circle", "a blue square"]
-    image_embeds = metrics.clip_image_embeddings(model, images)
-    text_embeds = metrics.clip_text_embeddings(model, tokenizer, captions)
+    image_embeds = clip.clip_image_embeddings(model, images)
+    text_embeds = clip.clip_text_embeddings(model, tokenizer, captions)
     with torch.no_grad():
-        pooled = model.vision_model(pixel_values=metrics.clip_pixels(images, 32)).pooler_output
+        pooled = model.vision_model(pixel_values=clip.clip_pixels(images, 32)).pooler_output
         tokens = tokenizer(captions, padding=True, return_tensors="pt")
         text_pooled = model.text_model(**tokens).pooler_output
         expected = model.visual_projection(pooled), model.text_projection(text_pooled)
@@ -562,16 +562,13 @@ def test_clip_embeddings_are_the_projected_ones(tmp_path):
         assert (ours - reference).abs().max() <= 64 * EPS32 * scale
         assert (ours - unprojected).abs().max() > 0.1 * scale
     # an image scored against its own direction: cosine 1 -> 100
-    assert metrics.clip_score_from_embeddings(image_embeds, 3 * image_embeds) == pytest.approx(100, rel=1e-6)
+    assert clip.clip_score_from_embeddings(image_embeds, 3 * image_embeds) == pytest.approx(100, rel=1e-6)
 
 
-# --- tools/bench_sd_lora.py: the timed variants and the T4 estimate in the notebook's header ------
+# --- experiments/bench_sd_lora.py: the timed variants and the T4 estimate in the notebook's header ------
 
 
 def _bench():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     import bench_sd_lora
 
     return bench_sd_lora

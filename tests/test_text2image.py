@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from helpers import text2image as t2i
+from helpers import downloads
 from helpers.downloads import USER_AGENT, DownloadError
 from helpers.environment import autocast
 from helpers.losses import feature_matching_mse
@@ -504,7 +505,7 @@ WARNING_PAGE = """<html><body><p>Google Drive can't scan this file for viruses.<
 
 
 def test_drive_urls_carry_the_resource_key():
-    urls = t2i.drive_download_urls("FILE", "0-KEY")
+    urls = downloads.drive_download_urls("FILE", "0-KEY")
     assert [urllib.parse.urlsplit(u).netloc for u in urls] == ["drive.usercontent.google.com", "drive.google.com"]
     for url in urls:
         assert dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)) == {
@@ -514,15 +515,15 @@ def test_drive_urls_carry_the_resource_key():
 def test_drive_confirmation_url_from_the_warning_page():
     page_url = "https://drive.usercontent.google.com/download?id=FILE&export=download&resourcekey=0-KEY"
     page = WARNING_PAGE.format(action="https://drive.usercontent.google.com/download")
-    url = t2i.drive_confirmation_url(page, page_url)
+    url = downloads.drive_confirmation_url(page, page_url)
     parts = urllib.parse.urlsplit(url)
     assert parts.netloc == "drive.usercontent.google.com" and parts.path == "/download"
     assert dict(urllib.parse.parse_qsl(parts.query)) == {
         "resourcekey": "0-KEY", "id": "FILE", "export": "download", "confirm": "t", "uuid": "u-123"}
     old_page = '<a id="uc-download-link" href="/uc?export=download&amp;confirm=AbC&amp;id=FILE">Download</a>'
-    assert t2i.drive_confirmation_url(old_page, page_url) == (
+    assert downloads.drive_confirmation_url(old_page, page_url) == (
         "https://drive.usercontent.google.com/uc?export=download&confirm=AbC&id=FILE")
-    assert t2i.drive_confirmation_url("<p>Quota exceeded</p>", page_url) is None
+    assert downloads.drive_confirmation_url("<p>Quota exceeded</p>", page_url) is None
 
 
 def caption_archive() -> bytes:

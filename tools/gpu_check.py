@@ -13,7 +13,7 @@ What it runs, each row of the table:
   rerun       every notebook a second time in the same RUN_DIR (a second Run all resumes or reuses)
   weights     the full-mode loading code of 03/05 (ImageNet VGG19, LPIPS' AlexNet) against random-weight files
               put where torchvision caches the real ones (this machine has no internet)
-  bench       `make bench` (tools/bench.py) at the notebooks' full-mode configurations
+  bench       `make bench` (experiments/bench.py) at the notebooks' full-mode configurations
 It needs no internet: datasets come from DATA_DIR (the offline stand-ins of tools/setup.sh: carry data/), the
 text encoder from T2I_TEXT_ENCODER (a random tiny BERT is written when it is unset), weights are random.
 A missing package (the Jupyter stack, diffusers, bitsandbytes, torch-fidelity) is named with how to bring it.
@@ -136,12 +136,16 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="notebook numbers or names (default: all)")
     parser.add_argument("--execute", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", action="store_true", help=argparse.SUPPRESS)  # the weights row, in a fresh process
     parser.add_argument("--skip", nargs="*", default=[], help="rows to leave out: unit smoke-t4 rerun weights bench")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu-check"))
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # the unit tests of this tool
     args = parser.parse_args(argv)
     if args.execute:
         return execute(Path(args.execute).resolve())
+    if args.weights:
+        print(load_full_mode_weights())
+        return 0
     import torch
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("no CUDA device: make gpu-check runs the CUDA paths on a machine with an NVIDIA GPU (nvidia-smi shows "
@@ -178,11 +182,10 @@ def main(argv: list[str]) -> int:
                 {**env, "EMULATE_T4": emulate, "RUN_DIR": str(out / folder)}, log, 300)
     if "weights" not in args.skip and any(n.startswith(("03", "05")) for n in notebooks):
         rows.append(["03/05 (full-mode weights)", "weights"])
-        run(rows[-1], [python, "-c", "import sys; sys.path.insert(0, 'tools'); import gpu_check; "
-                       "print(gpu_check.load_full_mode_weights())"], env, log, 300)
+        run(rows[-1], [python, __file__, "--weights"], env, log, 300)
     if "bench" not in args.skip:
         rows.append(["all (make bench)", "bench"])
-        run(rows[-1], [python, "tools/bench.py"], env, log, 420)
+        run(rows[-1], [python, str(ROOT / "experiments" / "bench.py")], env, log, 420)
     table = ["| notebook | path | result | seconds | last error |", "|---|---|---|---|---|"]
     table += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} |" for r in rows]
     summary = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -9,7 +9,7 @@ runtime lacks them. A source is split into cells at the lines that start with '#
 
     # %% [markdown]                 markdown cell; each line's leading '# ' is removed
     # %%                            code cell
-    # %% SETUP                      the setup cell: tools/setup_cell.py, with the helpers/ modules this notebook
+    # %% SETUP                      the setup cell: notebooks/setup_cell.py, with the helpers/ modules this notebook
                                     imports embedded (compressed), shown collapsed in Colab
     # %% [helpers] MODULE: A, B     code cell holding the definitions A and B copied from helpers/MODULE.py: the code
                                     a student studies and edits; the cells below use it, tests keep it equal
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 HELPERS = ROOT / "helpers"
 MANIFEST = NOTEBOOKS / "notebooks.toml"
-SETUP_TEMPLATE = Path(__file__).with_name("setup_cell.py")
+SETUP_TEMPLATE = NOTEBOOKS / "setup_cell.py"  # the setup cell of every notebook
 
 # Where the repository is published: the Colab badges point here, and nothing else depends on it.
 REPOSITORY = "genimg-notebooks/genimg-notebooks"
@@ -227,7 +227,7 @@ def decode_helpers(encoded: str) -> dict[str, str]:
 
 
 def setup_cell(packages: dict[str, str], files: list[str]) -> str:
-    """tools/setup_cell.py with this notebook's packages and embedded helpers filled in."""
+    """notebooks/setup_cell.py with this notebook's packages and embedded helpers filled in."""
     encoded = encode_helpers(files)
     width = MAX_LINE - 6
     chunks = "\n".join(f'    "{encoded[i:i + width]}"' for i in range(0, len(encoded), width))

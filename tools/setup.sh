@@ -21,6 +21,9 @@ log=$(mktemp)
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${requirements[@]}" -r requirements-test.txt \
   >"$log" 2>&1 || { grep -v "^WARNING: Location" "$log" >&2; echo "pip install failed (output above)" >&2; exit 1; }
 rm -f "$log"
+# helpers as an editable package (pyproject.toml; compat mode: a plain path entry, so a notebook that unpacks its
+# own copy of helpers imports only that copy)
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e . --config-settings editable_mode=compat
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_install dataset-fashion-mnist
 export DATA_DIR=${DATA_DIR:-$PWD/data}
 [ -f "$DATA_DIR/MNIST/STAND_IN.json" ] && [ -f "$DATA_DIR/FashionMNIST/raw/t10k-labels-idx1-ubyte" ] \

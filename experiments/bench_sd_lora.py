@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from helpers import sd_lora  # noqa: E402
 from helpers.environment import GpuChoices, gpu_choices  # noqa: E402

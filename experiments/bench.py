@@ -1,9 +1,9 @@
 """`make bench`: time each notebook's training step on this machine, the plain baseline beside the fast path.
 
-    python tools/bench.py              # every notebook that has a case (tools/bench_*.py)
-    python tools/bench.py gan style    # some of them
+    python experiments/bench.py              # every notebook that has a case (experiments/bench_*.py)
+    python experiments/bench.py gan style    # some of them
 
-Each case module `tools/bench_<name>.py` has `run(device, reduced) -> list[dict]`: one row per variant, each row
+Each case module `experiments/bench_<name>.py` has `run(device, reduced) -> list[dict]`: one row per variant, each row
 {"notebook", "variant", "baseline": bool, "config": {...}, "ms_per_step", "it_per_s", "peak_memory_mb",
 "note"}, measured with `helpers.training.time_per_step` (warm-up first, device synchronised). The baseline row
 is the straightforward eager fp32 code a student would write; every other row of the same notebook gets its
@@ -20,14 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from helpers.environment import describe_device, pick_device
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-import torch  # noqa: E402
-
-from helpers.environment import describe_device, pick_device  # noqa: E402
-
-CASES = ("gan", "style", "t2i", "pix2pixhd", "sd_lora", "diffusion")  # tools/bench_<case>.py
+CASES = ("gan", "style", "t2i", "pix2pixhd", "sd_lora", "diffusion")  # experiments/bench_<case>.py
 
 
 def with_speedups(rows: list[dict]) -> list[dict]:

@@ -2,8 +2,8 @@
 of changes and print the FD (the notebooks' classifier-feature FD on 2,000 samples, lower is better) every
 2,000 iterations, of G itself and of moving averages of G's weights.
 
-    OMP_NUM_THREADS=1 python tools/ablate_gan.py FashionMNIST 8000 seed ttur+mbstd+adam09
-    python tools/ablate_gan.py --list        # the variants
+    OMP_NUM_THREADS=1 python experiments/ablate_gan.py FashionMNIST 8000 seed ttur+mbstd+adam09
+    python experiments/ablate_gan.py --list        # the variants
 
 Each variant starts from the same seed and sees the same batches; the moving averages never feed back into
 training, so one run scores every averaging rate at once. One run of 8,000 iterations takes 5-15 min on one
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

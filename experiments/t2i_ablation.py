@@ -2,8 +2,8 @@
 notebook (caption accuracy on seen and unseen combinations with the shuffled control, spread across noise), means
 and standard deviations over three noise seeds.
 
-    OMP_NUM_THREADS=2 .venv/bin/python tools/t2i_ablation.py                  # every variant, 6,000 iterations
-    OMP_NUM_THREADS=1 .venv/bin/python tools/t2i_ablation.py paper "improved (+ packing 2)" --iterations 1000
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/t2i_ablation.py                  # every variant, 6,000 iterations
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/t2i_ablation.py paper "improved (+ packing 2)" --iterations 1000
 
 Needs the MiniLM text encoder offline ($T2I_TEXT_ENCODER, as the notebook) or online. Appends one record per
 variant to runs/t2i_ablation.json (or --out) and prints a markdown table of all its records.
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
