@@ -357,8 +357,8 @@ assert all(math.isclose(float(v), 0.75**2 * lw, rel_tol=1e-4)
 # **L-BFGS** keeps the last 100 pairs $s_k = x_{k+1} - x_k$, $y_k = \nabla_{k+1} - \nabla_k$ and from them builds,
 # by the two-loop recursion, a step $-H\nabla$ with $H$ an estimate of the inverse Hessian: Newton-like steps
 # without a Hessian. `torch.optim.LBFGS` reads about 200 numbers back to the host per iteration to take its
-# decisions, and each read stalls a GPU; `SyncFreeLBFGS` (in `helpers/style/optim.py`) takes the same steps (a test
-# compares them) with every number kept on the device. `make_optimizer` picks it for `OPTIMIZER = "lbfgs"`.
+# decisions, and each read stalls a GPU; `SyncFreeLBFGS` (in `helpers/style/optim.py`) takes the same steps
+# (a test compares them) with every number kept on the device. `make_optimizer` picks it for `OPTIMIZER = "lbfgs"`.
 
 # %% [helpers] style/optim: StylisedImage, optimisation_step
 
