@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import VGG19_Weights
 
-from helpers.losses import gram_matrix, total_variation_loss
-from helpers.style import (CONTENT_LAYERS, STYLE_LAYERS, HostReadCounter, StyleObjective, StylisedImage,
-                           autocast_gradient_error, evaluate, initial_image, load_image, make_optimizer,
-                           optimisation_step)
+from helpers.style.data import load_image
+from helpers.style.evaluate import evaluate
+from helpers.style.losses import gram_matrix, total_variation_loss
+from helpers.style.model import CONTENT_LAYERS, STYLE_LAYERS, StyleObjective
+from helpers.style.optim import (HostReadCounter, StylisedImage, autocast_gradient_error, initial_image,
+                                 make_optimizer, optimisation_step)
 from helpers.training import synchronize, time_per_step
 from helpers.vgg import IMAGENET_MEAN, IMAGENET_STD, VGG19Features
 

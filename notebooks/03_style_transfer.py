@@ -46,17 +46,18 @@ from torch import Tensor, nn
 from torchvision.models import AlexNet_Weights
 from tqdm.auto import tqdm
 
-from helpers.downloads import DownloadError
+from helpers.downloads import DownloadError, cache_torchvision_weights
 from helpers.environment import (data_dir, describe_device, gpu_choices, in_colab, pick_device,
                                  run_dir, seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.plotting import save_figure, show_image_table, show_panels
-from helpers.style import (PAINTING_STAND_INS, PAINTINGS, HostReadCounter,
-                           autocast_gradient_error, cache_torchvision_weights,
-                           check_objective_layers, describe_source, evaluate,
-                           feature_covariance, feature_diversity, fetch_painting, initial_image,
-                           keep_colours, load_image, lockstep_differences, lpips_diversity,
-                           luminance_image, make_optimizer, pixel_diversity, rgb_to_yiq, run_key)
-from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint,
+from helpers.style.data import (PAINTING_STAND_INS, PAINTINGS, describe_source, fetch_painting,
+                                load_image)
+from helpers.style.evaluate import evaluate, feature_diversity, lpips_diversity, pixel_diversity
+from helpers.style.model import check_objective_layers, keep_colours, luminance_image, rgb_to_yiq
+from helpers.style.multimodal import feature_covariance
+from helpers.style.optim import (HostReadCounter, autocast_gradient_error, initial_image,
+                                 lockstep_differences, make_optimizer, run_key)
+from helpers.training import (History, TrainingRun, count_parameters, load_checkpoint,
                               save_checkpoint, synchronize, time_per_step, write_metrics)
 from helpers.vgg import STAND_IN_NOTE, VGG19Features
 
@@ -194,8 +195,7 @@ for note in STAND_INS:
 #   scale (if a result keeps too much of the photo, or too little, move $\beta$ along the sweep in section 8):
 #   $$\mathcal{L} = \alpha\,\frac{\mathcal{L}_{content}}{\overline{P^2}}
 #   + \beta \sum_l w_l \frac{E_l}{\frac14 \overline{A_l^2}} + \tau\,\mathrm{TV}.$$
-#   ($\beta = 400$ is the balance of this notebook's earlier $\beta = 100$, whose style term was 4 times too large;
-#   it is a starting point, not a tuned optimum.)
+#   ($\beta = 400$ is a starting point, not a tuned optimum.)
 # - *Pixels* are clamped to $[0, 1]$ after each step (as in the PyTorch tutorial), so VGG always sees an image.
 # - *L-BFGS* takes the steps of `torch.optim.LBFGS` (no line search, a memory of 100 pairs, as the tutorial), but
 #   our version never waits for the GPU (section 7).
@@ -258,7 +258,7 @@ for name, f in zip(vgg.layers, vgg(content)):
 # ## 5. Losses, beside their formulas
 # **Gram matrix.** $G = FF^\top/M$: the mean over the $M$ positions of the products of two feature maps.
 
-# %% [helpers] losses: gram_matrix
+# %% [helpers] style/losses: gram_matrix
 
 # %% [markdown]
 # **Content loss** at the content layer: $\mathrm{mean}(F-P)^2$, the paper's $\tfrac12\sum(F-P)^2$ divided by
@@ -266,9 +266,9 @@ for name, f in zip(vgg.layers, vgg(content)):
 # $\frac{1}{4N^2M^2}\sum(\hat G - \hat A)^2$ for the unnormalised Grams $\hat G = M G$; then $\sum_l w_l E_l$.
 # **Total variation**: the mean squared difference of neighbouring pixels, down and across.
 
-# %% [helpers] losses: content_loss, style_layer_loss, style_loss
+# %% [helpers] style/losses: content_loss, style_layer_loss, style_loss
 
-# %% [helpers] losses: total_variation_loss
+# %% [helpers] style/losses: total_variation_loss
 
 # %% [markdown]
 # A check by hand, on one image with two channels at two positions, $F = \begin{pmatrix}1&2\\3&4\end{pmatrix}$:
@@ -311,9 +311,9 @@ assert shuffled_content > 0.1
 # Gram sums and L-BFGS's curvature estimates need the precision. The optional `feature_targets` term is DFP's
 # (section 9).
 
-# %% [helpers] style: energy, features_by_name, relative_feature_loss
+# %% [helpers] style/model: energy, features_by_name, relative_feature_loss
 
-# %% [helpers] style: StyleObjective
+# %% [helpers] style/model: StyleObjective
 
 # %% [markdown]
 # Every objective of this notebook has the parameters cell's layers and weights; only the images, $\beta$ and
@@ -357,12 +357,12 @@ assert all(math.isclose(float(v), 0.75**2 * lw, rel_tol=1e-4)
 # **L-BFGS** keeps the last 100 pairs $s_k = x_{k+1} - x_k$, $y_k = \nabla_{k+1} - \nabla_k$ and from them builds,
 # by the two-loop recursion, a step $-H\nabla$ with $H$ an estimate of the inverse Hessian: Newton-like steps
 # without a Hessian. `torch.optim.LBFGS` reads about 200 numbers back to the host per iteration to take its
-# decisions, and each read stalls a GPU; `SyncFreeLBFGS` (in `helpers/style.py`) takes the same steps (a test
-# compares them) with every number kept on the device. `make_optimizer` picks it for `OPTIMIZER = "lbfgs"`.
+# decisions, and each read stalls a GPU; `SyncFreeLBFGS` (in `helpers/style/optim.py`) takes the same steps
+# (a test compares them) with every number kept on the device. `make_optimizer` picks it for `OPTIMIZER = "lbfgs"`.
 
-# %% [helpers] style: StylisedImage, optimisation_step
+# %% [helpers] style/optim: StylisedImage, optimisation_step
 
-# %% [helpers] style: stylise
+# %% [helpers] style/optim: stylise
 
 # %% [markdown]
 # ### The main run, with checkpoints and resume
@@ -385,35 +385,36 @@ if in_colab():
     %tensorboard --logdir {RUN_DIR / "tensorboard"}
 
 # %%
-def run_main(until: int) -> tuple[StylisedImage, History, Stopwatch]:
+def run_main(until: int) -> tuple[StylisedImage, TrainingRun]:
     """Resume the main run from its checkpoint if there is one; continue to `until` iterations."""
     image = StylisedImage(initial_image(content_in, INIT, SEED)).to(DEVICE)
     optimizer = make_optimizer(image, OPTIMIZER, LEARNING_RATE, HISTORY_SIZE)
-    history, watch, step = History(RUN_DIR / "tensorboard"), Stopwatch(), 0
-    state = {"image": image, "optimizer": optimizer, "history": history, "stopwatch": watch}
+    run = TrainingRun(history=History(RUN_DIR / "tensorboard"))  # losses, time, iterations done
+    state = {"image": image, "optimizer": optimizer, "run": run}
     if CHECKPOINT.is_file():
-        step = load_checkpoint(CHECKPOINT, state, CONFIG, map_location=DEVICE)["step"]
-        print(f"resumed from the checkpoint at iteration {step} ({watch.seconds:.1f} s spent)")
-    progress = tqdm(total=until, initial=step, desc="Gatys (main run)")
-    while step < until:
-        chunk = min(CHECKPOINT_EVERY - step % CHECKPOINT_EVERY, until - step)
-        with watch:  # timed without the checkpoint writes; synchronised, so GPU time counts
+        load_checkpoint(CHECKPOINT, state, CONFIG, map_location=DEVICE)
+        print(f"resumed from the checkpoint at iteration {run.step} "
+              f"({run.stopwatch.seconds:.1f} s spent)")
+    progress = tqdm(total=until, initial=run.step, desc="Gatys (main run)")
+    while run.step < until:
+        chunk = min(CHECKPOINT_EVERY - run.step % CHECKPOINT_EVERY, until - run.step)
+        with run.stopwatch:  # timed without the checkpoint writes; synchronised, so GPU time counts
             for _ in range(chunk):
                 losses = optimisation_step(objective, image, optimizer)
-                if step % LOG_EVERY == 0:
-                    history.log(step, **losses)  # reads the losses: the loop's only host sync
-                step += 1
+                if run.step % LOG_EVERY == 0:
+                    run.history.log(run.step, **losses)  # reads the losses: the only host sync
+                run.step += 1
                 progress.update()
             synchronize(DEVICE)
-        watch.count(chunk)
-        save_checkpoint(CHECKPOINT, state, step, CONFIG)
+        run.stopwatch.count(chunk)
+        save_checkpoint(CHECKPOINT, state, run.step, CONFIG)
     progress.close()
-    history.flush()
-    return image, history, watch
+    run.history.flush()
+    return image, run
 
 
-image, history, watch = run_main(FIRST_SESSION_STEPS)
-print(f"first session: {watch.iterations} iterations; checkpoint {CHECKPOINT.name}, "
+image, main_run = run_main(FIRST_SESSION_STEPS)
+print(f"first session: {main_run.stopwatch.iterations} iterations; checkpoint {CHECKPOINT.name}, "
       f"{CHECKPOINT.stat().st_size / 2**20:.1f} MiB")
 
 # %% [markdown]
@@ -421,8 +422,9 @@ print(f"first session: {watch.iterations} iterations; checkpoint {CHECKPOINT.nam
 # the checkpoint and continues from iteration `FIRST_SESSION_STEPS` (L-BFGS's curvature memory included).
 
 # %%
-del image, history, watch
-image, history, watch = run_main(STEPS)
+del image, main_run
+image, main_run = run_main(STEPS)
+history, watch = main_run.history, main_run.stopwatch
 steps_logged, style_values = history.series("style")
 assert watch.iterations == STEPS and steps_logged == list(range(0, STEPS, LOG_EVERY)), \
     "resume must continue the same run, without gaps or repeats"
@@ -579,11 +581,11 @@ if gallery:
 # with the stylisation strength $\alpha_{s}$ (both 0.6 in the DFP paper and code):
 # $$t = \alpha_{s}\big[\lambda f^Z_{cs} + (1-\lambda) f_{cs}\big] + (1-\alpha_{s}) f_c .$$
 
-# %% [helpers] style: random_orthogonal, covariance_eigen
+# %% [helpers] style/multimodal: random_orthogonal, covariance_eigen
 
-# %% [helpers] style: whitening_colouring
+# %% [helpers] style/multimodal: whitening_colouring
 
-# %% [helpers] style: dfp_target, dfp_targets
+# %% [helpers] style/multimodal: dfp_target, dfp_targets
 
 # %% [markdown]
 # The claim $\mathrm{cov}(f^Z_{cs}) = \mathrm{cov}(f_s)$, checked on this notebook's relu1_1 features: the
@@ -698,7 +700,7 @@ else:
 # (float16 on a T4, bfloat16 on newer GPUs). `time_per_step` warms up first (`TIMING_WARMUP` iterations fill the
 # L-BFGS memory, whose length sets the cost of an iteration), then times `TIMING_ITERATIONS` iterations with the
 # device synchronised around them. Each variant's final loss is measured in float32. On a CPU there is nothing
-# to synchronise, so the two optimisers should take about the same time. `tools/bench_style.py` (`make bench`)
+# to synchronise, so the two optimisers should take about the same time. `experiments/bench_style.py` (`make bench`)
 # measures the same at the full-mode size against a plain tutorial-style loop.
 
 # %%

@@ -1,8 +1,8 @@
-"""Style-transfer losses of helpers.losses against values worked out by hand."""
+"""Style-transfer losses of helpers.style.losses against values worked out by hand."""
 import pytest
 import torch
 
-from helpers.losses import content_loss, gram_matrix, style_layer_loss, style_loss, total_variation_loss
+from helpers.style.losses import content_loss, gram_matrix, style_layer_loss, style_loss, total_variation_loss
 
 # One image, two channels, two positions: channel 0 = [1, 2], channel 1 = [3, 4].
 FEATURES = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 2, 1, 2)
