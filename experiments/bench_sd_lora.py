@@ -1,16 +1,17 @@
-"""`make bench` case for notebook 06: the LoRA training step of helpers.sd_lora (noise, timestep, UNet forward,
+"""`make bench` case for notebook 06: the LoRA training step of helpers.sd_lora.train (noise, timestep, UNet forward,
 min-SNR loss, backward over GRAD_ACCUM micro-batches, gradient clipping, AdamW), side by side in its variants.
 
 On a GPU: the SD 1.5-sized UNet built from its config (random weights, no download), 512 px (64 x 64 latents),
 rank-4 LoRA, batch 2 x accumulation 2: notebook 06's full-mode step without the frozen encoders (the latents and
-text states are random tensors of their shapes, as in the review session's measurement). The baseline is the
-straightforward fp32 eager LoRA step; then the notebook's mixed precision (fp16 on a T4, bf16 from compute
-capability 8) without and with gradient checkpointing; then QLoRA (4-bit NF4 base weights) without and with, when
-bitsandbytes and CUDA are present (otherwise those rows say why not).
+text states are random tensors of their shapes, as in the H100 measurement of experiments/RESULTS.md, section 06).
+The baseline is the straightforward fp32 eager LoRA step; then the notebook's mixed precision (fp16 on a T4, bf16
+from compute capability 8) without and with gradient checkpointing; then QLoRA (4-bit NF4 base weights) without and
+with, when bitsandbytes and CUDA are present (otherwise those rows say why not).
 On a CPU (reduced): the tiny UNet of smoke mode, 32 px, batch 1 x 2, fp32 without and with checkpointing.
 
 `full_mode_tflop()` counts the FLOPs of the notebook's full-mode work on the meta device and `t4_estimate()` turns
-them and the review session's H100 rate into the run time the notebook's header quotes for a T4 (printed here).
+them and the measured H100 rate (memory.H100_MEASURED) into the run time the notebook's header quotes for a T4
+(printed here).
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from typing import Any, Callable
 
 import torch
 
-from helpers import sd_lora  # noqa: E402
-from helpers.environment import GpuChoices, gpu_choices  # noqa: E402
-from helpers.training import time_per_step  # noqa: E402
+from helpers.environment import GpuChoices, gpu_choices
+from helpers.sd_lora import lora, memory, pipeline, train
+from helpers.training import time_per_step
 
 RANK = 4
 SNR_GAMMA = 5.0
@@ -41,8 +42,9 @@ SD15_TEXT_CONFIG = {"hidden_size": 768, "intermediate_size": 3072, "num_attentio
 H100_TO_T4 = {"memory bandwidth (3.35 vs 0.32 TB/s)": 3.35 / 0.32,
               "tensor-core peak (989 vs 65 TFLOP/s)": 989 / 65}
 # Notebook 06's full mode: 300 training steps, 25 re-trained by the resume check, 37 generated images of 25
-# steps, 2 + 10 QLoRA steps (at 1.22 / 1.54 of LoRA's speed, the review session's ratio with checkpointing)
+# steps, 2 + 10 QLoRA steps (at 1.22 / 1.54 of LoRA's speed: the H100 ratio with checkpointing, H100_MEASURED)
 FULL_MODE_WORK = {"train_steps": 300, "resume_check_steps": 25, "images": 37, "qlora_steps": 12}
+QLORA_SLOWDOWN = memory.H100_MEASURED[("LoRA", True)][0] / memory.H100_MEASURED[("QLoRA", True)][0]  # 1.54 / 1.22
 
 
 def count_tflop(fn: Callable[[], Any]) -> float:
@@ -61,7 +63,7 @@ def full_mode_tflop(batch: int = 2, grad_accum: int = 2, side: int = 64, steps: 
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):
-        unet = sd_lora.add_lora(UNet2DConditionModel.from_config(sd_lora.SD15_UNET_CONFIG), RANK, RANK)
+        unet = lora.add_lora(UNet2DConditionModel.from_config(pipeline.SD15_UNET_CONFIG), RANK, RANK)
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
         text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
         latents, t = torch.randn(batch, 4, side, side), torch.zeros(batch, dtype=torch.long)
@@ -73,19 +75,20 @@ def full_mode_tflop(batch: int = 2, grad_accum: int = 2, side: int = 64, steps: 
         encode = count_tflop(lambda: vae.encode(image))
         decode = count_tflop(lambda: vae.decode(latents[:1]))
         text_pass = count_tflop(lambda: text(ids))
-    train = grad_accum * (unet_step + batch * encode + text_pass)
-    return {"train_step": train, "train_step_unet": grad_accum * unet_step,
+    step_tflop = grad_accum * (unet_step + batch * encode + text_pass)
+    return {"train_step": step_tflop, "train_step_unet": grad_accum * unet_step,
             "image": steps * unet_forward + decode + text_pass}
 
 
-def t4_estimate(tflop: dict[str, float], h100_steps_per_s: float = 3.29) -> dict[str, tuple[float, float]]:
-    """Seconds on a T4 (lower, upper): the review session's H100 rate of the UNet step, slowed by the share of
+def t4_estimate(tflop: dict[str, float],
+                h100_steps_per_s: float = memory.H100_MEASURED[("LoRA", False)][0]) -> dict[str, tuple[float, float]]:
+    """Seconds on a T4 (lower, upper): the measured H100 rate of the UNet step, slowed by the share of
     the step's FLOPs outside the UNet and by the published H100/T4 ratios (bandwidth: lower, tensor peak: upper)."""
     h100_rate = tflop["train_step_unet"] * h100_steps_per_s  # TFLOP/s the H100 reached on this step
     t4_rates = sorted((h100_rate / ratio for ratio in H100_TO_T4.values()), reverse=True)
     work = FULL_MODE_WORK
     total = {"train_step": tflop["train_step"], "training": work["train_steps"] * tflop["train_step"],
-             "rest": (work["resume_check_steps"] + work["qlora_steps"] * 1.54 / 1.22) * tflop["train_step"]
+             "rest": (work["resume_check_steps"] + work["qlora_steps"] * QLORA_SLOWDOWN) * tflop["train_step"]
              + work["images"] * tflop["image"]}
     return {name: (value / t4_rates[0], value / t4_rates[1]) for name, value in total.items()}
 
@@ -96,7 +99,7 @@ def _step(unet: Any, accelerator: Any, precision: Any, micro_batches: list,
     optimizer = accelerator.prepare(torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad],
                                                       lr=1e-4, weight_decay=1e-2))
     unet.train()
-    return lambda: sd_lora.lora_training_step(unet, optimizer, micro_batches, scheduler, accelerator,
+    return lambda: train.lora_training_step(unet, optimizer, micro_batches, scheduler, accelerator,
                                               precision, SNR_GAMMA, 1.0)
 
 
@@ -147,12 +150,12 @@ def run(device: torch.device, reduced: bool) -> list[dict]:
           f"({flops['train_step_unet']:.2f} in the UNet), {flops['image']:.1f} TFLOP per generated image")
     print("  06 T4 estimate: {:.1f}-{:.1f} s per training step; training {:.1f}-{:.1f} min; the rest {:.1f}-{:.1f} "
           "min".format(*estimate["train_step"], *(s / 60 for s in estimate["training"] + estimate["rest"])))
-    config = sd_lora.TINY_UNET_CONFIG if reduced else sd_lora.SD15_UNET_CONFIG
+    config = pipeline.TINY_UNET_CONFIG if reduced else pipeline.SD15_UNET_CONFIG
     batch, side, width = (1, 16, 32) if reduced else (2, 64, 768)
     shape = {"unet": "tiny" if reduced else "SD 1.5", "latents": f"{batch}x4x{side}x{side}", "grad_accum": 2,
              "rank": RANK}
     rows, weights_dir = [], None
-    qlora_reason = sd_lora.qlora_unavailable_reason()
+    qlora_reason = pipeline.qlora_unavailable_reason()
     with tempfile.TemporaryDirectory() as tmp:
         for variant, precision, checkpointing, quantized in variants(device, reduced):
             row_config = {**shape, "precision": precision, "checkpointing": checkpointing}
@@ -164,9 +167,9 @@ def run(device: torch.device, reduced: bool) -> list[dict]:
                 _random_unet(config, device, torch.float16).save_pretrained(weights_dir / "unet")
             accelerator = _accelerator(precision, device)
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[precision]
-            unet = (sd_lora.load_unet_4bit(str(weights_dir), compute_dtype=dtype) if quantized
+            unet = (pipeline.load_unet_4bit(str(weights_dir), compute_dtype=dtype) if quantized
                     else _random_unet(config, device, dtype))
-            unet = sd_lora.add_lora(unet, RANK, RANK)
+            unet = lora.add_lora(unet, RANK, RANK)
             if checkpointing:
                 unet.enable_gradient_checkpointing()
             gen = torch.Generator().manual_seed(0)
@@ -174,7 +177,7 @@ def run(device: torch.device, reduced: bool) -> list[dict]:
                       torch.randn(batch, 77, width, generator=gen).to(device, dtype)) for _ in range(2)]
             choices = gpu_choices(device) if precision != "no" else GpuChoices(device, None, device.type == "cuda",
                                                                                  False)
-            precision_of_step = sd_lora.mixed_precision(accelerator, choices)
+            precision_of_step = train.mixed_precision(accelerator, choices)
             step = _step(unet, accelerator, precision_of_step, micro, DDPMScheduler(**SD15_SCHEDULE))
             timing = time_per_step(step, device, iterations=5 if reduced else 10, warmup=1 if reduced else 3)
             loss = step()

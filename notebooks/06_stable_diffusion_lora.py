@@ -12,16 +12,16 @@
 # when a CUDA GPU is present, with its speed and memory beside LoRA's.
 #
 # **Run time.** Colab T4, full mode: *not measured yet*; 45–65 min, derived as follows. Training, 300 steps of
-# 2 × 2 images at 512 px: the review session measured the UNet part of this step at 3.29 steps/s on an H100
-# (fp16, no gradient checkpointing, which a T4 does not need either); the VAE encoding of the 4 images and the
-# text encoder add 66 % (FLOPs counted by `tools/bench_sd_lora.py`: 11.4 TFLOP per step, 6.86 of them in the
-# UNet); a T4 is taken to be 10.5–15.2× slower than an H100 SXM (the published fp16 memory bandwidth and
-# tensor-core peak: 0.32 vs 3.35 TB/s, 65 vs 989 TFLOP/s), so 5.3–7.7 s per step, 26–38 min for 300 steps
-# (training stops at `TIME_LIMIT_MIN` = 40 min in any case). The 37 generated images (25 steps each), the 25
-# steps the resume check trains again and the 12 QLoRA steps, scaled the same way from their FLOPs: 16–23 min.
-# Downloads: 3.6 GB (fp16 model 2.1 GB, dataset 0.7 GB, CLIP 0.6 GB, bitsandbytes), not timed. The scaling is
-# probably pessimistic: the H100 ran this step at about 2 % of its fp16 peak, bound by per-kernel overhead that
-# does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded): 15–35 s,
+# 2 × 2 images at 512 px: the UNet part of this step runs at 3.29 steps/s on an H100 (fp16, no gradient
+# checkpointing, which a T4 does not need either; experiments/RESULTS.md, section 06); the VAE encoding of the 4
+# images and the text encoder add 66 % (FLOPs counted by `experiments/bench_sd_lora.py`: 11.4 TFLOP per step,
+# 6.86 of them in the UNet); a T4 is taken to be 10.5–15.2× slower than an H100 SXM (the published fp16 memory
+# bandwidth and tensor-core peak: 0.32 vs 3.35 TB/s, 65 vs 989 TFLOP/s), so 5.3–7.7 s per step, 26–38 min for
+# 300 steps (training stops at `TIME_LIMIT_MIN` = 40 min in any case). The 37 generated images (25 steps each),
+# the 25 steps the resume check trains again and the 12 QLoRA steps, scaled the same way from their FLOPs: 16–23
+# min. Downloads: 3.6 GB (fp16 model 2.1 GB, dataset 0.7 GB, CLIP 0.6 GB, bitsandbytes), not timed. The scaling
+# is probably pessimistic: the H100 ran this step at about 2 % of its fp16 peak, bound by per-kernel overhead
+# that does not grow 15× on a T4. CPU smoke mode (`SMOKE=1`, tiny random model, nothing downloaded): 15–35 s,
 # measured on 2 shared CPU cores at load 5–7, with the newest packages and with Colab's versions.
 #
 # This is the "Stable Diffusion" part of seed 004 (text-to-image with a latent diffusion model, with the optional
@@ -54,7 +54,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -68,16 +68,18 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
-from helpers import sd_lora
 from helpers.environment import (describe_device, gpu_choices, in_colab, pick_device, run_dir,
                                  seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.plotting import (plot_losses, save_figure, show_grid, show_image_table,
                               show_over_iterations)
 from helpers.clip import STAND_IN_CLIP_ID, clip_image_embeddings, clip_score, load_clip
-from helpers.sd_lora import (LORA_WEIGHT_FILE, LoraParameters, MixedPrecision, lora_checkpoints,
-                             micro_batch)
-from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb,
-                              save_checkpoint, time_per_step, write_metrics)
+from helpers.sd_lora import data as sd_data, evaluate as sd_eval, lora as sd_adapter
+from helpers.sd_lora import memory as sd_memory, pipeline as sd_pipeline
+from helpers.sd_lora.data import micro_batch
+from helpers.sd_lora.lora import LORA_WEIGHT_FILE, LoraParameters
+from helpers.sd_lora.train import MixedPrecision, lora_checkpoints, mixed_precision
+from helpers.training import (History, TrainingRun, count_parameters, load_checkpoint,
+                              peak_memory_mb, save_checkpoint, time_per_step, write_metrics)
 
 diffusers_logging.set_verbosity_error()
 transformers_logging.set_verbosity_error()
@@ -92,7 +94,7 @@ SEED = 0
 # Model: a Stable Diffusion 1.x checkpoint on the Hub (its fp16 files, no safety checker: 2.1 GB) or
 # a local folder with model_index.json. Smoke mode builds a tiny random one (SD_MODEL_ID overrides).
 FULL_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-MODEL_ID = os.environ.get("SD_MODEL_ID") or (sd_lora.TINY_MODEL_ID if SMOKE else FULL_MODEL_ID)
+MODEL_ID = os.environ.get("SD_MODEL_ID") or (sd_pipeline.TINY_MODEL_ID if SMOKE else FULL_MODEL_ID)
 RESOLUTION = 32 if SMOKE else 512            # training and generation size in pixels (SD 1.5: 512)
 
 # Inference: a prompt x seed grid, and the before/after comparison on the same prompts and seeds.
@@ -145,12 +147,12 @@ MIXED_PRECISION = CHOICES.mixed_precision  # accelerate's name for it: "fp16", "
 WEIGHT_DTYPE = CHOICES.amp_dtype or torch.float32  # the frozen weights; LoRA's stay fp32
 accelerator = Accelerator(mixed_precision=MIXED_PRECISION, cpu=DEVICE.type == "cpu")
 DEVICE = accelerator.device
-PRECISION = sd_lora.mixed_precision(accelerator, CHOICES)  # autocast and loss scaler of the step
+PRECISION = mixed_precision(accelerator, CHOICES)  # autocast and loss scaler of the step
 seed_everything(SEED)
 STAND_INS = []
-if MODEL_ID == sd_lora.TINY_MODEL_ID:
-    STAND_INS.append(sd_lora.STAND_IN_NOTE)
-    print("STAND-IN:", sd_lora.STAND_IN_NOTE)
+if MODEL_ID == sd_pipeline.TINY_MODEL_ID:
+    STAND_INS.append(sd_pipeline.TINY_PIPELINE_NOTE)
+    print("STAND-IN:", sd_pipeline.TINY_PIPELINE_NOTE)
 print(f"mode: {'smoke' if SMOKE else 'full'} | device: {describe_device(DEVICE)} | frozen "
       f"weights in {WEIGHT_DTYPE} | run dir: {RUN_DIR}")
 print(f"training step: {PRECISION.description}")
@@ -241,8 +243,8 @@ print(f"training step: {PRECISION.description}")
 # one used for the real model.
 
 # %%
-MODEL = sd_lora.resolve_model_id(MODEL_ID, RUN_DIR)
-pipe = sd_lora.load_pipeline(MODEL, dtype=WEIGHT_DTYPE, device=DEVICE)
+MODEL = sd_pipeline.resolve_model_id(MODEL_ID, RUN_DIR)
+pipe = sd_pipeline.load_pipeline(MODEL, dtype=WEIGHT_DTYPE, device=DEVICE)
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
 for part in (unet, vae, text_encoder):
@@ -264,7 +266,7 @@ assert text_states.shape == (1, tokenizer.model_max_length, unet.config.cross_at
 noisy = torch.randn(latent_shape, generator=torch.Generator().manual_seed(SEED))
 noisy = noisy.to(DEVICE, WEIGHT_DTYPE)
 PROBE = (noisy, torch.tensor([500], device=DEVICE), text_states)
-BASE_PREDICTION = sd_lora.predict_noise(unet, PROBE, PRECISION.autocast)
+BASE_PREDICTION = sd_eval.predict_noise(unet, PROBE, PRECISION.autocast)
 assert BASE_PREDICTION.shape == latent_shape
 print(f"image {RESOLUTION}x{RESOLUTION} -> latent {tuple(latent.shape[1:])}, caption -> text "
       f"states {tuple(text_states.shape[1:])}, UNet output {tuple(BASE_PREDICTION.shape[1:])}")
@@ -272,7 +274,8 @@ print(f"image {RESOLUTION}x{RESOLUTION} -> latent {tuple(latent.shape[1:])}, cap
 # %%
 def images_of(pipeline: Any, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
     """Images in [0, 1] for every prompt x seed, with this notebook's steps, guidance and size."""
-    return sd_lora.generate(pipeline, prompts, seeds, INFERENCE_STEPS, GUIDANCE_SCALE, RESOLUTION)
+    return sd_eval.pipeline_images(pipeline, prompts, seeds, INFERENCE_STEPS, GUIDANCE_SCALE,
+                                   RESOLUTION)
 
 
 start = time.perf_counter()
@@ -294,15 +297,15 @@ show_image_table(base_images, PROMPTS, SEEDS, f"Base model: prompt x seed ({INFE
 
 # %%
 if SMOKE and IMAGE_FOLDER is None:
-    IMAGE_FOLDER = sd_lora.make_shape_images(RUN_DIR / "shapes", SMOKE_IMAGES, seed=SEED)
+    IMAGE_FOLDER = sd_data.make_shape_images(RUN_DIR / "shapes", SMOKE_IMAGES, seed=SEED)
     STAND_INS.append(f"{SMOKE_IMAGES} generated images of coloured shapes instead of {DATASET}")
     print("STAND-IN:", STAND_INS[-1])
 if IMAGE_FOLDER is not None:
-    dataset = sd_lora.CaptionedImages.from_folder(IMAGE_FOLDER, RESOLUTION, RANDOM_FLIP)
-    raw_sizes = sorted({sd_lora.image_size(p) for p in dataset.images[:100]})
+    dataset = sd_data.CaptionedImages.from_folder(IMAGE_FOLDER, RESOLUTION, RANDOM_FLIP)
+    raw_sizes = sorted({sd_data.image_size(p) for p in dataset.images[:100]})
     print(f"{len(dataset)} images from '{IMAGE_FOLDER}', original sizes (w, h), px: {raw_sizes}")
 else:
-    dataset = sd_lora.CaptionedImages.from_hub(DATASET, RESOLUTION, RANDOM_FLIP)
+    dataset = sd_data.CaptionedImages.from_hub(DATASET, RESOLUTION, RANDOM_FLIP)
     print(f"{len(dataset)} images from the Hub dataset {DATASET!r}")
 preview = [dataset[i] for i in range(min(8, len(dataset)))]
 assert all(item["pixel_values"].shape == (3, RESOLUTION, RESOLUTION) for item in preview)
@@ -314,13 +317,13 @@ show_grid(torch.stack([item["pixel_values"] for item in preview]), f"Training im
 
 # %%
 # Bad input gets a message that names it and says what to do: an uncaptioned image, a missing model.
-bad_folder = sd_lora.make_shape_images(RUN_DIR / "bad-input", 2, seed=1)
+bad_folder = sd_data.make_shape_images(RUN_DIR / "bad-input", 2, seed=1)
 (bad_folder / "shape_01.txt").unlink()
 for name, attempt, error in [
-    ("image without a caption", lambda: sd_lora.CaptionedImages.from_folder(bad_folder, RESOLUTION),
-     sd_lora.MissingCaptionError),
-    ("model that cannot load", lambda: sd_lora.load_pipeline(str(RUN_DIR / "no-model-here")),
-     sd_lora.ModelLoadError),
+    ("image without a caption", lambda: sd_data.CaptionedImages.from_folder(bad_folder, RESOLUTION),
+     sd_data.MissingCaptionError),
+    ("model that cannot load", lambda: sd_pipeline.load_pipeline(str(RUN_DIR / "no-model-here")),
+     sd_pipeline.ModelLoadError),
 ]:
     try:
         attempt()
@@ -338,14 +341,14 @@ for name, attempt, error in [
 # (`cast_training_params`), because fp16 weights lose Adam's small updates. The cell below is the code the
 # notebook runs: change the targets (e.g. add `"proj_in", "proj_out"`) and re-run to adapt more layers.
 
-# %% [helpers] sd_lora: LORA_TARGET_MODULES, lora_config, add_lora
+# %% [helpers] sd_lora/lora: LORA_TARGET_MODULES, lora_config, add_lora
 
 # %%
 unet_params_before = count_parameters(unet)
-fingerprints_before = sd_lora.parameter_fingerprints(unet)
+fingerprints_before = sd_adapter.parameter_fingerprints(unet)
 unet = add_lora(unet, RANK, LORA_ALPHA)
 trainable, total = count_parameters(unet, trainable_only=True), count_parameters(unet)
-expected_lora, _ = sd_lora.lora_parameter_count(unet.config, RANK, LORA_TARGET_MODULES)
+expected_lora, _ = sd_adapter.lora_parameter_count(unet.config, RANK, LORA_TARGET_MODULES)
 assert trainable == expected_lora and total == unet_params_before + trainable
 assert all("lora_" in n for n, p in unet.named_parameters() if p.requires_grad)
 TRAINABLE_PERCENT = 100 * trainable / unet_params_before
@@ -367,7 +370,7 @@ print(layer)
 # weights, no download), and how the adapter grows with the rank: linearly, $r(d + k)$ per adapted matrix.
 
 # %%
-sd15_lora, sd15_total = sd_lora.lora_parameter_count(sd_lora.SD15_UNET_CONFIG, RANK,
+sd15_lora, sd15_total = sd_adapter.lora_parameter_count(sd_pipeline.SD15_UNET_CONFIG, RANK,
                                                      LORA_TARGET_MODULES)
 print(f"SD 1.5's UNet at rank {RANK}: {sd15_lora:,} LoRA parameters = "
       f"{100 * sd15_lora / sd15_total:.3f} % of {sd15_total:,}, {sd15_lora * 4 / 1e6:.2f} MB fp32")
@@ -398,12 +401,12 @@ plt.show()
 # Departure from diffusers' script: its default is plain MSE (`snr_gamma=None`); we switch min-SNR on with the
 # recommended $\gamma = 5$ (set `SNR_GAMMA = None` for the plain loss). The loss as a formula:
 
-# %% [helpers] losses: diffusion_snr, noise_prediction_loss
+# %% [helpers] sd_lora/losses: diffusion_snr, noise_prediction_loss
 
 # %% [markdown]
 # and around it, the frozen encoders and the noising of one batch:
 
-# %% [helpers] sd_lora: encode_batch, diffusion_loss
+# %% [helpers] sd_lora/train: encode_batch, unet_diffusion_loss
 
 # %% [markdown]
 # **The training step.** A micro-batch of `BATCH_SIZE` images is what fits the GPU at once; `GRAD_ACCUM`
@@ -414,7 +417,7 @@ plt.show()
 # GradScaler. `accelerate` does both on a GPU. It turns fp16 off on a CPU, so there (`EMULATE_T4=1`) the step
 # builds its own. The gradient norm is clipped at `MAX_GRAD_NORM`.
 
-# %% [helpers] sd_lora: lora_training_step
+# %% [helpers] sd_lora/train: lora_training_step
 
 # %%
 noise_scheduler = DDPMScheduler.from_pretrained(MODEL, subfolder="scheduler")
@@ -422,7 +425,7 @@ PREDICTION_TYPE = noise_scheduler.config.prediction_type
 first_batch = encode_batch(pipe, micro_batch(dataset, 0, BATCH_SIZE, SEED))
 assert first_batch[0].shape == (BATCH_SIZE, *latent_shape[1:])
 with torch.no_grad():
-    first_loss = diffusion_loss(unet, *first_batch, noise_scheduler, SNR_GAMMA)
+    first_loss = unet_diffusion_loss(unet, *first_batch, noise_scheduler, SNR_GAMMA)
 assert first_loss.dim() == 0 and torch.isfinite(first_loss)
 print(f"loss of one micro-batch before training: {first_loss.item():.4f} "
       f"({PREDICTION_TYPE} prediction)")
@@ -433,15 +436,17 @@ print(f"loss of one micro-batch before training: {first_loss.item():.4f} "
 # ### Gradient checkpointing only where memory needs it
 #
 # Gradient checkpointing recomputes activations in the backward pass instead of storing them: less memory, more
-# time. The review session measured the SD 1.5-sized UNet step (512 px, batch 2 × 2, fp16) on an H100 at
-# 1.54 steps/s and 2.26 GB with it, 3.29 steps/s and 3.96 GB without: it halves the speed to save 1.7 GB. A T4 has
-# 15 GB, so it is switched on only when the free GPU memory is smaller than the step's need without it, scaled
-# from that measurement to this batch and resolution. The free memory is read with `torch.cuda.mem_get_info`
-# after `torch.cuda.empty_cache()`: PyTorch keeps freed memory in a cache, and the GPU counts it as used.
+# time. On an H100 the SD 1.5-sized UNet step (512 px, batch 2 × 2, fp16) ran at 1.54 steps/s and 2.26 GB with
+# it, 3.29 steps/s and 3.96 GB without (experiments/RESULTS.md, section 06): it halves the speed to save 1.7 GB.
+# A T4 has 15 GB, so it is switched on only when the free GPU memory is smaller than the step's need without it,
+# scaled from that measurement to this batch and resolution. The free memory is read with
+# `torch.cuda.mem_get_info` after `torch.cuda.empty_cache()`: PyTorch keeps freed memory in a cache, and the GPU
+# counts it as used.
 
 # %%
 if GRADIENT_CHECKPOINTING is None:
-    USE_CHECKPOINTING, why = sd_lora.choose_gradient_checkpointing(CHOICES, BATCH_SIZE, LATENT_SIDE)
+    USE_CHECKPOINTING, why = sd_memory.choose_gradient_checkpointing(CHOICES, BATCH_SIZE,
+                                                                     LATENT_SIDE)
 else:
     USE_CHECKPOINTING, why = GRADIENT_CHECKPOINTING, "set by GRADIENT_CHECKPOINTING"
 print(f"gradient checkpointing {'on' if USE_CHECKPOINTING else 'off'}: {why}")
@@ -464,13 +469,13 @@ unet, optimizer = accelerator.prepare(unet, optimizer)
 # reset). The same loop runs on several GPUs when exported to a script and started with `accelerate launch`:
 # `prepare` then wraps the UNet in DistributedDataParallel and each process takes its own slice of the batch.
 
-# %% [helpers] sd_lora: LoraPlan, Snapshots
+# %% [helpers] sd_lora/train: LoraPlan
 
-# %% [helpers] sd_lora: LoraRun, training_state
+# %% [helpers] sd_lora/train: training_state
 
-# %% [helpers] sd_lora: step_batches
+# %% [helpers] sd_lora/train: step_batches
 
-# %% [helpers] sd_lora: train_lora
+# %% [helpers] sd_lora/train: train_lora
 
 # %%
 if in_colab():
@@ -491,7 +496,7 @@ def snapshot() -> Tensor:
         return (images_of(pipe, PROMPTS[:1], SEEDS[:1]) * 255).round().to(torch.uint8)
 
 
-run = LoraRun(History(RUN_DIR / "tensorboard"))
+run = TrainingRun(History(RUN_DIR / "tensorboard"))
 if DEVICE.type == "cuda":
     torch.cuda.reset_peak_memory_stats(DEVICE)
 reached = train_lora(unet, optimizer, dataset, pipe, noise_scheduler, accelerator, PRECISION, run,
@@ -519,7 +524,7 @@ show_over_iterations({k: v.float() / 127.5 - 1 for k, v in run.snapshots.items()
 # weight, and every LoRA $B$ must have moved.
 
 # %%
-fingerprints_after = sd_lora.parameter_fingerprints(accelerator.unwrap_model(unet))
+fingerprints_after = sd_adapter.parameter_fingerprints(accelerator.unwrap_model(unet))
 changed = {n for n, h in fingerprints_after.items() if fingerprints_before.get(n) != h}
 frozen_changed = [n for n in changed if "lora_" not in n]
 lora_b = [n for n in fingerprints_after if "lora_B" in n]
@@ -539,20 +544,20 @@ print(f"{len(changed)} tensors changed, all LoRA; "
 saved = lora_checkpoints(CHECKPOINT_DIR)
 assert len(saved) >= 2, f"the resume check needs 2 checkpoints: train over {CHECKPOINT_EVERY} steps"
 previous, final_checkpoint = saved[-2:]
-final_lora = sd_lora.lora_weights(unet)
+final_lora = sd_adapter.lora_weights(unet)
 check_dir = RUN_DIR / "resume-check"
 shutil.rmtree(check_dir, ignore_errors=True)
 check_dir.mkdir()
 shutil.copy(previous, check_dir / previous.name)
 check_plan = dataclasses.replace(plan, folder=check_dir, steps=reached, time_limit_s=math.inf)
 train_lora(unet, optimizer, dataset, pipe, noise_scheduler, accelerator, PRECISION,
-           LoraRun(History()), check_plan, lambda: torch.zeros(0, dtype=torch.uint8))
-resumed_lora = sd_lora.lora_weights(unet)
+           TrainingRun(History()), check_plan, lambda: torch.zeros(0, dtype=torch.uint8))
+resumed_lora = sd_adapter.lora_weights(unet)
 load_checkpoint(previous, {"lora": LoraParameters(unet)}, restore_rng=False)
-start_lora = sd_lora.lora_weights(unet)
+start_lora = sd_adapter.lora_weights(unet)
 load_checkpoint(final_checkpoint, training_state(unet, optimizer, run, accelerator, PRECISION),
                 CHECKPOINT_CONFIG)
-restored = sd_lora.lora_weights(unet)
+restored = sd_adapter.lora_weights(unet)
 assert all(torch.equal(restored[k], final_lora[k]) for k in final_lora), "not restored"
 
 
@@ -580,12 +585,12 @@ print(f"resumed from {previous.name} to step {reached}: the update differs from 
 # $\frac{\alpha/2}{r}\,(2B)\,A$ is unchanged. Only a reload that reads $\alpha / 2$ from the file gives the
 # trained model; one that took $\alpha = r$ would double the adapter's effect.
 
-# %% [helpers] sd_lora: save_lora, load_lora
+# %% [helpers] sd_lora/lora: save_lora, load_lora
 
 # %%
 adapter_file = save_lora(accelerator.unwrap_model(unet), ADAPTER_DIR)
 ADAPTER_BYTES = adapter_file.stat().st_size
-header_bytes, data_bytes = sd_lora.safetensors_layout(adapter_file)
+header_bytes, data_bytes = sd_adapter.safetensors_layout(adapter_file)
 print(f"saved {adapter_file.name}: {ADAPTER_BYTES / 1e6:.3f} MB = {header_bytes:,} bytes of "
       f"header and metadata + {data_bytes:,} bytes of weights; the UNet is "
       f"{unet_params_before * 2 / 1e6:,.1f} MB in fp16")
@@ -594,13 +599,13 @@ assert data_bytes == trainable * 4, "the file must hold exactly the LoRA weights
 HALF_ALPHA_DIR = RUN_DIR / "lora-adapter-half-alpha"
 save_lora(accelerator.unwrap_model(unet), HALF_ALPHA_DIR, alpha=LORA_ALPHA / 2)  # 2B, alpha / 2
 
-fresh = sd_lora.load_pipeline(MODEL, dtype=WEIGHT_DTYPE, device=DEVICE)
+fresh = sd_pipeline.load_pipeline(MODEL, dtype=WEIGHT_DTYPE, device=DEVICE)
 fresh.scheduler = DPMSolverMultistepScheduler.from_config(fresh.scheduler.config)
 load_lora(fresh, ADAPTER_DIR, "trained")
 assert fresh.unet.peft_config["trained"].lora_alpha == LORA_ALPHA
 loaded_dtype = next(p.dtype for n, p in fresh.unet.named_parameters() if "lora_" in n)
-reloaded = sd_lora.lora_weights(fresh.unet)
-trained_w = sd_lora.lora_weights(unet, dtype=loaded_dtype)  # rounded copies; originals stay fp32
+reloaded = sd_adapter.lora_weights(fresh.unet)
+trained_w = sd_adapter.lora_weights(unet, dtype=loaded_dtype)  # rounded copies; originals stay fp32
 assert set(reloaded) == set(trained_w)
 assert all(torch.equal(reloaded[k], trained_w[k]) for k in trained_w)
 print(f"reloaded LoRA weights ({loaded_dtype}) equal the trained ones rounded to {loaded_dtype}")
@@ -615,14 +620,14 @@ assert fresh.unet.peft_config["half-alpha"].lora_alpha == LORA_ALPHA / 2
 
 # %%
 unet.eval()
-trained_prediction = sd_lora.predict_noise(unet, PROBE, PRECISION.autocast)
+trained_prediction = sd_eval.predict_noise(unet, PROBE, PRECISION.autocast)
 gaps = {}
 for adapter in ("trained", "half-alpha"):
     fresh.set_adapters([adapter], adapter_weights=[1.0])
-    reloaded_prediction = sd_lora.predict_noise(fresh.unet, PROBE, PRECISION.autocast)
+    reloaded_prediction = sd_eval.predict_noise(fresh.unet, PROBE, PRECISION.autocast)
     gaps[adapter] = (reloaded_prediction - trained_prediction).abs().max().item()
 fresh.set_adapters(["trained"], adapter_weights=[0.0])
-scale0_prediction = sd_lora.predict_noise(fresh.unet, PROBE, PRECISION.autocast)
+scale0_prediction = sd_eval.predict_noise(fresh.unet, PROBE, PRECISION.autocast)
 lora_effect = (trained_prediction - BASE_PREDICTION).abs().max().item()
 reload_gap = max(gaps.values())
 scale0_gap = (scale0_prediction - BASE_PREDICTION).abs().max().item()
@@ -711,7 +716,7 @@ gc.collect()
 
 # %%
 with torch.device("meta"):
-    sd15_unet = UNet2DConditionModel.from_config(sd_lora.SD15_UNET_CONFIG)
+    sd15_unet = UNet2DConditionModel.from_config(sd_pipeline.SD15_UNET_CONFIG)
 linear = sum(m.weight.numel() for m in sd15_unet.modules() if isinstance(m, nn.Linear))
 LINEAR_SHARE = linear / sum(p.numel() for p in sd15_unet.parameters())
 print(f"SD 1.5 UNet: {linear:,} of its weights are in nn.Linear layers "
@@ -719,7 +724,7 @@ print(f"SD 1.5 UNet: {linear:,} of its weights are in nn.Linear layers "
 assert round(100 * LINEAR_SHARE) == 31, "the theory section quotes 31 %"
 
 # %%
-QLORA_SKIPPED = sd_lora.qlora_unavailable_reason()
+QLORA_SKIPPED = sd_pipeline.qlora_unavailable_reason()
 QUANTIZED = QLORA_SKIPPED is None
 QLORA_RUNS = QUANTIZED or CHOICES.gpu_path
 if not QLORA_RUNS:
@@ -733,11 +738,11 @@ else:
     if CHOICES.cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(DEVICE)
-    q_base = (sd_lora.load_unet_4bit(MODEL, compute_dtype=WEIGHT_DTYPE) if QUANTIZED
-              else sd_lora.load_unet(MODEL, WEIGHT_DTYPE, DEVICE))
+    q_base = (sd_pipeline.load_unet_4bit(MODEL, compute_dtype=WEIGHT_DTYPE) if QUANTIZED
+              else sd_pipeline.load_unet(MODEL, WEIGHT_DTYPE, DEVICE))
     q_unet = add_lora(q_base, RANK, LORA_ALPHA)
-    q_checkpointing, q_why = sd_lora.choose_gradient_checkpointing(CHOICES, BATCH_SIZE, LATENT_SIDE,
-                                                                   quantized=True)
+    q_checkpointing, q_why = sd_memory.choose_gradient_checkpointing(CHOICES, BATCH_SIZE,
+                                                                     LATENT_SIDE, quantized=True)
     print(f"QLoRA gradient checkpointing {'on' if q_checkpointing else 'off'}: {q_why}")
     if q_checkpointing:
         q_unet.enable_gradient_checkpointing()
@@ -772,10 +777,10 @@ if QLORA_RUNS:
 # %% [markdown]
 # ## 11. Results
 #
-# This run's numbers beside the review session's H100 measurements (SD 1.5-sized UNet with random weights,
-# 512 px, rank 4, fp16, batch 2 × 2, UNet step only; device details and date unknown):
+# This run's numbers beside H100 measurements (SD 1.5-sized UNet with random weights, 512 px, rank 4, fp16,
+# batch 2 × 2, UNet step only; experiments/RESULTS.md, section 06):
 #
-# | H100, review session | steps/s | peak GPU memory |
+# | H100 | steps/s | peak GPU memory |
 # |---|---|---|
 # | LoRA, gradient checkpointing | 1.54 | 2.26 GB |
 # | LoRA | 3.29 | 3.96 GB |

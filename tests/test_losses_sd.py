@@ -1,8 +1,8 @@
-"""Diffusion losses of notebook 06 (helpers/losses.py, last section), checked against numbers worked out by hand."""
+"""Diffusion losses of notebook 06 (helpers/sd_lora/losses.py), checked against numbers worked out by hand."""
 import pytest
 import torch
 
-from helpers.losses import diffusion_snr, noise_prediction_loss
+from helpers.sd_lora.losses import diffusion_snr, noise_prediction_loss
 
 
 def test_snr_is_alpha_bar_over_one_minus_alpha_bar():
