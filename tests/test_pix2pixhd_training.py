@@ -17,6 +17,7 @@ from helpers.pix2pixhd.losses import PIX2PIXHD_VGG_LAYERS
 from helpers.pix2pixhd.model import GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
 from helpers.pix2pixhd.train import (TrainingSetup, pix2pixhd_train_step, train_variant, training_step_flops,
                                      two_stage_plan)
+from helpers.training import CheckpointMismatchError
 from helpers.vgg import VGG19Features
 
 IN_NC = ProceduralLabelImages.label_nc + 1  # one-hot classes + the instance-edge channel
@@ -142,6 +143,16 @@ def test_a_second_call_says_it_resumes_or_reuses_and_trains_no_further(tmp_path,
     assert again.run.history.state_dict() == straight.run.history.state_dict()
     stopped_again = run(tmp_path, vgg, stop_after=3)  # asking a finished run to stop changes nothing
     assert stopped_again.complete and same_weights(stopped_again.G, straight.G)
+
+
+def test_a_checkpoint_without_a_run_record_is_refused_with_what_to_do(tmp_path):
+    """A checkpoint kept by each record on its own ("history", "stopwatch", "progress"), as an older version of
+    the loop wrote it, says what to do instead of failing on a missing key."""
+    path = tmp_path / "checkpoints" / "v_global.pt"
+    path.parent.mkdir()
+    torch.save({"format": 3, "state": {"progress": {"epoch": 2, "snapshots": {}}}}, path)
+    with pytest.raises(CheckpointMismatchError, match=r"v_global.pt' holds no run record.*new folder"):
+        p2p.saved_epochs("v", PLAN, tmp_path)
 
 
 def test_the_resume_check_fails_when_resume_loses_the_random_state(tmp_path, vgg, straight, monkeypatch,

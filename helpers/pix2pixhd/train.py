@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..environment import autocast
 from ..losses import lsgan_discriminator_loss
-from ..training import History, TrainingRun, load_checkpoint, save_checkpoint, synchronize
+from ..training import (CheckpointMismatchError, History, TrainingRun, load_checkpoint, save_checkpoint,
+                        synchronize)
 from .fast_path import FastPath
 from .losses import pix2pixhd_generator_loss
 
@@ -187,6 +188,9 @@ def saved_epochs(name: str, plan: Sequence[Stage], folder: Path) -> int:
         if not path.is_file():
             break
         saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if "run" not in saved.get("state", {}):
+            raise CheckpointMismatchError(f"'{path}' holds no run record (another version wrote it); "
+                                          "delete it, or point RUN_DIR at a new folder")
         epoch = saved["state"]["run"]["epoch"]
         done += epoch
         if epoch < sum(stage.epochs):
