@@ -16,12 +16,12 @@
 # where its weights load) for three variants; the step's speed with and without the GPU fast path; `metrics.json`.
 #
 # **Run time.** Colab T4, full mode (CMP Facades at 256×256, three variants, 10.6 PFLOP of training): about 25 to
-# 45 minutes of training, *derived, not measured*: the FLOPs of each step counted with
-# `torch.utils.flop_counter` (`training_step_flops`), times the steps of the schedule, divided by the rate an H100
-# reached with this code on the official configuration in fp32 (2.9 TFLOP per step in 69.8 ms, about 42 TFLOP/s)
-# scaled down to a T4 by memory bandwidth (the step is bound by memory traffic; H100/T4 bandwidth ratio 6 to 10;
-# experiments/RESULTS.md, section 05). The fp16 fast path a T4 gets should be faster; section 9 measures it. CPU smoke mode (`SMOKE=1`, tiny
-# models, 32×32 toy data): 16 to 21 s on 2 shared CPU cores (measured under nbval), 31 to 52 s with
+# 45 minutes of training, *derived, not measured*: the FLOPs of each step counted with `torch.utils.flop_counter`
+# (`training_step_flops`), times the steps of the schedule, divided by the rate an H100 reached with this code on
+# the official configuration in fp32 (2.9 TFLOP per step in 69.8 ms, about 42 TFLOP/s) scaled down to a T4 by
+# memory bandwidth (the step is bound by memory traffic; H100/T4 bandwidth ratio 6 to 10; experiments/RESULTS.md,
+# section 05). The fp16 fast path a T4 gets should be faster; section 9 measures it. CPU smoke mode (`SMOKE=1`,
+# tiny models, 32×32 toy data): 16 to 21 s on 2 shared CPU cores (measured under nbval), 31 to 52 s with
 # `EMULATE_T4=1`, where the CPU runs the fp16 path of a T4 (a CPU has no fast fp16 arithmetic).
 
 # %% SETUP
@@ -677,8 +677,8 @@ fig = show_rows({"input": input_picture(preview),
 #
 # The same step timed side by side (`time_per_step`: warm-up first, then synchronised timing) at this run's full
 # size: the plain eager fp32 step a student would write, and the fast path this device gets. `make bench`
-# (`experiments/bench_pix2pixhd.py`) does the same at the official configuration (1024×512, official widths), one row
-# per option. On a CPU the fast path *is* the eager step, so there is one row. With `EMULATE_T4=1` the CPU also
+# (`experiments/bench_pix2pixhd.py`) does the same at the official configuration (1024×512, official widths), one
+# row per option. On a CPU the fast path *is* the eager step, so there is one row. With `EMULATE_T4=1` the CPU also
 # times a T4's fast path: fp16 is slower there, so that row proves the code runs, not that it pays.
 
 # %%
