@@ -16,9 +16,10 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from helpers.losses import PIX2PIXHD_VGG_LAYERS
-from helpers.pix2pixhd import (FastPath, LocalEnhancer, MultiscaleDiscriminator, pix2pixhd_train_step,
-                               training_step_flops)
+from helpers.pix2pixhd.fast_path import FastPath
+from helpers.pix2pixhd.losses import PIX2PIXHD_VGG_LAYERS
+from helpers.pix2pixhd.model import LocalEnhancer, MultiscaleDiscriminator
+from helpers.pix2pixhd.train import pix2pixhd_train_step, training_step_flops
 from helpers.training import time_per_step
 from helpers.vgg import VGG19Features
 

@@ -16,12 +16,12 @@
 # where its weights load) for three variants; the step's speed with and without the GPU fast path; `metrics.json`.
 #
 # **Run time.** Colab T4, full mode (CMP Facades at 256×256, three variants, 10.6 PFLOP of training): about 25 to
-# 45 minutes of training, *derived, not measured* (no GPU was available): the FLOPs of each step counted with
-# `torch.utils.flop_counter` (`training_step_flops`), times the steps of the schedule, divided by the rate a
-# reviewer's H100 reached with this code on the official configuration in fp32 (2.9 TFLOP per step in 69.8 ms, about
-# 42 TFLOP/s) scaled down to a T4 by memory bandwidth (the step is bound by memory traffic; H100/T4 bandwidth ratio 6
-# to 10). The fp16 fast path a T4 gets should be faster; section 9 measures it. CPU smoke mode (`SMOKE=1`, tiny
-# models, 32×32 toy data): 16 to 21 s on 2 shared CPU cores (measured under nbval), 31 to 52 s with
+# 45 minutes of training, *derived, not measured*: the FLOPs of each step counted with `torch.utils.flop_counter`
+# (`training_step_flops`), times the steps of the schedule, divided by the rate an H100 reached with this code on
+# the official configuration in fp32 (2.9 TFLOP per step in 69.8 ms, about 42 TFLOP/s) scaled down to a T4 by
+# memory bandwidth (the step is bound by memory traffic; H100/T4 bandwidth ratio 6 to 10; experiments/RESULTS.md,
+# section 05). The fp16 fast path a T4 gets should be faster; section 9 measures it. CPU smoke mode (`SMOKE=1`,
+# tiny models, 32×32 toy data): 16 to 21 s on 2 shared CPU cores (measured under nbval), 31 to 52 s with
 # `EMULATE_T4=1`, where the CPU runs the fp16 path of a T4 (a CPU has no fast fp16 arithmetic).
 
 # %% SETUP
@@ -52,15 +52,18 @@ from tqdm.auto import tqdm
 from helpers.environment import (autocast, data_dir, describe_device, in_colab, pick_device,
                                  run_dir, seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.metrics import psnr, ssim
-from helpers.pix2pixhd import (
-    CMP_FACADES_CLASSES, FastPath, PairedFolderDataset, ProceduralLabelImages, Progress, Trained,
-    TrainingSetup, check_image_size, colorize_labels, download_cmp_facades, encode_pair_batch,
-    encode_input, input_channels, instance_edges, label_sketch, linear_decay_lr, one_hot_labels,
-    saved_epochs, set_lr, snapshot,
+from helpers.pix2pixhd.data import (
+    CMP_FACADES_CLASSES, PairedFolderDataset, ProceduralLabelImages, check_image_size,
+    colorize_labels, download_cmp_facades, encode_input, encode_pair_batch, input_channels,
+    instance_edges, label_sketch, one_hot_labels,
 )
+from helpers.pix2pixhd.fast_path import FastPath
+from helpers.pix2pixhd.train import (Trained, TrainingSetup, linear_decay_lr, saved_epochs, set_lr,
+                                     snapshot)
 from helpers.plotting import plot_losses, show_grid, show_over_iterations, show_panels, show_rows
-from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint, peak_memory_mb,
-                              save_checkpoint, synchronize, time_per_step, write_metrics)
+from helpers.training import (History, TrainingRun, count_parameters, load_checkpoint,
+                              peak_memory_mb, save_checkpoint, synchronize, time_per_step,
+                              write_metrics)
 from helpers.vgg import STAND_IN_NOTE, VGG19Features
 
 SMOKE = smoke_mode()                  # SMOKE=1 in the environment: tiny CI run, nothing downloaded
@@ -277,27 +280,27 @@ for bad_call in (lambda: one_hot_labels(torch.full((1, 4, 4), 9), 6),
 # transposed convolution that doubles the size, the RGB head, the official initialisation N(0, 0.02), and the
 # average-pool downsampling used between the generator's and the discriminator's scales.
 
-# %% [helpers] pix2pixhd: init_weights, conv_block, up_block, to_rgb, downsample
+# %% [helpers] pix2pixhd/model: init_weights, conv_block, up_block, to_rgb, downsample
 
 # %% [markdown]
 # The residual block and the global generator $G_1$. `forward` refuses sizes its downsamplings cannot undo.
 
-# %% [helpers] pix2pixhd: ResnetBlock, GlobalGenerator
+# %% [helpers] pix2pixhd/model: ResnetBlock, GlobalGenerator
 
 # %% [markdown]
 # The local enhancer $G = \{G_1, G_2\}$: $G_1$'s feature extractor (its `features`, without the RGB head) at twice
 # G2's width, and G2's front end, residual blocks and head. `load_global` copies a trained $G_1$ in;
 # `freeze_global` freezes it for the first epochs of stage 2.
 
-# %% [helpers] pix2pixhd: LocalEnhancer
+# %% [helpers] pix2pixhd/model: LocalEnhancer
 
 # %% [markdown]
 # The 70×70 PatchGAN returns every block's output (feature matching needs them); the multi-scale discriminator runs
 # independent PatchGANs on the (input map, image) pair at full, ½ and ¼ size.
 
-# %% [helpers] pix2pixhd: NLayerDiscriminator
+# %% [helpers] pix2pixhd/model: NLayerDiscriminator
 
-# %% [helpers] pix2pixhd: MultiscaleDiscriminator
+# %% [helpers] pix2pixhd/model: MultiscaleDiscriminator
 
 # %% [markdown]
 # **Parameter counts at the official defaults** (Cityscapes: 35 classes + 1 edge channel = 36 input channels;
@@ -370,11 +373,11 @@ print("patch maps per scale:", patch_maps)
 # %% [markdown]
 # Feature matching and the VGG loss: each term a mean absolute difference, weighted as in section 2.
 
-# %% [helpers] losses: feature_matching_loss
+# %% [helpers] pix2pixhd/losses: feature_matching_loss
 
-# %% [helpers] losses: PIX2PIXHD_VGG_LAYERS, PIX2PIXHD_VGG_WEIGHTS, vgg_loss
+# %% [helpers] pix2pixhd/losses: PIX2PIXHD_VGG_LAYERS, PIX2PIXHD_VGG_WEIGHTS, vgg_loss
 
-# %% [helpers] losses: pix2pixhd_generator_loss
+# %% [helpers] pix2pixhd/losses: pix2pixhd_generator_loss
 
 # %% [markdown]
 # The VGG19 features are relu1_1 … relu5_1 of a frozen ImageNet VGG19, fed the raw $[-1, 1]$ image as the official
@@ -420,7 +423,7 @@ print("G's loss terms, image vs its negative:", {k: round(v.item(), 4) for k, v 
 # gradients overflow (fp16 stops at 65,504) is skipped and $s$ is halved. Here $s$ starts at $2^8$: at torch's
 # default $2^{16}$, every gradient above 1 overflows, and this model's first steps would be lost.
 
-# %% [helpers] pix2pixhd: pix2pixhd_train_step
+# %% [helpers] pix2pixhd/train: pix2pixhd_train_step
 
 # %% [markdown]
 # ### An epoch, the two stages, a variant
@@ -430,19 +433,19 @@ print("G's loss terms, image vs its negative:", {k: round(v.item(), 4) for k, v 
 # the first `FIX_GLOBAL_EPOCHS` epochs (only $G_2$ learns), then trains all of $G$ with a freshly built Adam. The
 # discriminator carries over. The learning rate is constant, then decays linearly (per stage).
 
-# %% [helpers] pix2pixhd: pix2pixhd_train_epoch
+# %% [helpers] pix2pixhd/train: pix2pixhd_train_epoch
 
-# %% [helpers] pix2pixhd: Stage, two_stage_plan
+# %% [helpers] pix2pixhd/train: Stage, two_stage_plan
 
 # %% [markdown]
 # Every epoch ends with a checkpoint in `RUN_DIR/checkpoints` holding G, D, both Adam states, the loss scaler, the
-# loss history, the stopwatch and the progress (epoch, snapshots), each through its `state_dict`; calling
+# run record (loss history, stopwatch, iterations, epoch, snapshots), each through its `state_dict`; calling
 # `train_variant` again resumes from it, so a Colab disconnect costs at most one epoch. (In the Colab configuration a
 # checkpoint is about 0.65 GB, two per variant: mind the space when `RUN_DIR` is on Google Drive.)
 
-# %% [helpers] pix2pixhd: train_stage
+# %% [helpers] pix2pixhd/train: train_stage
 
-# %% [helpers] pix2pixhd: train_variant
+# %% [helpers] pix2pixhd/train: train_variant
 
 # %% [markdown]
 # ### The runs
@@ -491,21 +494,21 @@ saved = saved_epochs(MAIN_VARIANT, plan_for(VARIANTS[MAIN_VARIANT]), RUN_DIR)
 if saved < INTERRUPT_AFTER_EPOCHS:  # a new run: stop it once, as a disconnect would
     interrupted = run_variant(MAIN_VARIANT, stop_after=INTERRUPT_AFTER_EPOCHS)
     assert not interrupted.complete
-    assert interrupted.stopwatch.iterations == INTERRUPT_AFTER_EPOCHS * len(train_loader)
+    assert interrupted.run.stopwatch.iterations == INTERRUPT_AFTER_EPOCHS * len(train_loader)
     print(f"stopped after epoch {INTERRUPT_AFTER_EPOCHS} of {TOTAL_EPOCHS} "
-          f"({interrupted.stopwatch.iterations} iterations), as a disconnect would")
+          f"({interrupted.run.stopwatch.iterations} iterations), as a disconnect would")
 main = run_variant(MAIN_VARIANT)  # resumes from the last checkpoint, or reuses a finished run
 if saved == TOTAL_EPOCHS:
     print("(the stop and the resume were shown when this run was trained; to see them again, "
           "set RUN_DIR to a new folder)")
 assert main.complete
-steps, _ = main.history.series("G/total")
+steps, _ = main.run.history.series("G/total")
 assert steps == list(range(1, len(steps) + 1)), "the resumed history must continue without gaps"
-assert main.stopwatch.iterations == TOTAL_EPOCHS * len(train_loader)
+assert main.run.stopwatch.iterations == TOTAL_EPOCHS * len(train_loader)
 TRAINED_HERE = main.saved_before < TOTAL_EPOCHS  # False: an earlier Run all trained it
 MAIN_PEAK_MB = peak_memory_mb(DEVICE) if DEVICE.type == "cuda" and TRAINED_HERE else None
-seconds_per_iteration = main.stopwatch.seconds / main.stopwatch.iterations
-print(f"main run: {main.stopwatch.iterations} iterations in {main.stopwatch.seconds:.1f} s "
+seconds_per_iteration = main.run.stopwatch.seconds / main.run.stopwatch.iterations
+print(f"main run: {main.run.stopwatch.iterations} iterations in {main.run.stopwatch.seconds:.1f} s "
       f"({seconds_per_iteration:.2f} s/iteration, data loading included)")
 if MAIN_PEAK_MB is None:
     why = "no GPU here" if DEVICE.type != "cuda" else "this Run all reused the finished run"
@@ -529,8 +532,8 @@ for stage in plan_for(VARIANTS[MAIN_VARIANT]):
     adam_steps = {name: max(int(s["step"]) for s in saved_state[name]["state"].values())
                   for name in ("opt_g", "opt_d")}
     print(f"{path.name}: {path.stat().st_size / 2**20:,.1f} MiB, epoch "
-          f"{saved_state['progress']['epoch']} of {sum(stage.epochs)}, "
-          f"{saved_state['stopwatch']['iterations']} iterations in all, Adam steps {adam_steps}, "
+          f"{saved_state['run']['epoch']} of {sum(stage.epochs)}, "
+          f"{saved_state['run']['step']} iterations in all, Adam steps {adam_steps}, "
           f"loss scale {saved_state['scaler'].get('scale', 'off (fp32 or bf16)')}")
     # stage 2 rebuilds G's Adam after the frozen-G1 epochs; D's Adam is new in each stage
     n = len(train_loader)
@@ -539,16 +542,16 @@ for stage in plan_for(VARIANTS[MAIN_VARIANT]):
         assert adam_steps[name] >= 0.99 * steps, f"{name} took {adam_steps[name]} of {steps} steps"
 
 # %%
-smooth = max(1, main.stopwatch.iterations // 60)  # moving average over ~1/60 of the run
-plot_losses(main.history, ["G/total", "G/gan", "G/fm", "G/vgg"], "Generator loss terms (main run)",
-            RUN_DIR / "losses_generator.png", smooth=smooth)
-plot_losses(main.history, ["D/loss"], "Discriminator LSGAN loss (main run)",
+smooth = max(1, main.run.stopwatch.iterations // 60)  # moving average over ~1/60 of the run
+plot_losses(main.run.history, ["G/total", "G/gan", "G/fm", "G/vgg"],
+            "Generator loss terms (main run)", RUN_DIR / "losses_generator.png", smooth=smooth)
+plot_losses(main.run.history, ["D/loss"], "Discriminator LSGAN loss (main run)",
             RUN_DIR / "losses_discriminator.png", smooth=smooth)
-plot_losses(main.history, ["lr"], "Learning rate: constant, then linear decay, per stage",
+plot_losses(main.run.history, ["lr"], "Learning rate: constant, then linear decay, per stage",
             RUN_DIR / "learning_rate.png", ylabel="learning rate")
-lrs = main.history.series("lr")[1]
+lrs = main.run.history.series("lr")[1]
 assert lrs[0] == LR and min(lrs) < LR  # the decay happened
-show_over_iterations(main.progress.snapshots, "Held-out label maps through training (stage 1 at "
+show_over_iterations(main.run.snapshots, "Held-out label maps through training (stage 1 at "
                      "half size, then stage 2)", RUN_DIR / "samples_over_iterations.png", nrow=2)
 
 # %% [markdown]
@@ -631,13 +634,13 @@ for key in VARIANTS:
         scores[key] = evaluate(results[key].G)
 ablation = pd.DataFrame([
     {"variant": VARIANTS[k]["title"], **{m: round(v, 4) for m, v in scores[k].items()},
-     "G params": count_parameters(r.G), "iterations": r.stopwatch.iterations,
-     "train s": round(r.stopwatch.seconds, 1)}
+     "G params": count_parameters(r.G), "iterations": r.run.stopwatch.iterations,
+     "train s": round(r.run.stopwatch.seconds, 1)}
     for k, r in results.items()
 ]).set_index("variant")
 display(ablation)
 (RUN_DIR / "ablation.txt").write_text(ablation.to_string() + "\n")
-budgets = {r.stopwatch.iterations for r in results.values()}
+budgets = {r.run.stopwatch.iterations for r in results.values()}
 assert len(budgets) == 1, f"every variant gets the same budget, got {budgets} iterations"
 fig = show_rows({"input": input_picture(preview),
                  **{VARIANTS[k]["title"]: outputs_for(r.G, preview) for k, r in results.items()},
@@ -647,16 +650,11 @@ fig = show_rows({"input": input_picture(preview),
 # %% [markdown]
 # ### Measured offline results: smoke-sized, not the meaningful ablation
 #
-# *Measured outside CI on 2026-11-24 on the 2-core CPU of the build machine, shared with other jobs (load average
-# 4.8 to 5.9 on 2 cores, so the times are inflated), with the smoke architecture and a random-weight VGG19 (no
-# ImageNet weights offline); SSIM on [0, 1]. The numbers compare the variants with one another at a toy size and
-# one seed, nothing more: the meaningful ablation (procedural set at 128 px or more, full-mode width ratios, long
-# enough that the order holds over two seeds) needs a GPU and has not been run.* Command (8 min 10 s):
-#
-# ```
-# SMOKE=1 PIX2PIXHD_N_TRAIN=256 PIX2PIXHD_N_TEST=64 DATA_DIR=data RUN_DIR=/tmp/p2p/offline MPLBACKEND=Agg \
-#   OMP_NUM_THREADS=1 python tools/execute.py notebooks/05_pix2pixhd.ipynb /tmp/p2p/offline.out.ipynb
-# ```
+# *Measured on a 2-core CPU shared with other jobs (so the times are inflated), with the smoke architecture and a
+# random-weight VGG19 (no ImageNet weights offline); SSIM on [0, 1]; the date and the command are in
+# experiments/RESULTS.md, section 05. The numbers compare the variants with one another at a toy size and one
+# seed, nothing more: the meaningful ablation (procedural set at 128 px or more, full-mode width ratios, long
+# enough that the order holds over two seeds) needs a GPU and has not been run.*
 #
 # G2 width 4, G1 width 8 with 3 downsamplings and 2 + 1 residual blocks, D width 8 × 3 scales, 32×32 images,
 # batch 1, 4 epochs = 1,024 generator updates per variant, 64 held-out scenes, seed 0:
@@ -671,16 +669,16 @@ fig = show_rows({"input": input_picture(preview),
 # trained directly at full size, whose outputs stay noisy and checkered); dropping feature matching and the VGG term
 # costs 0.8 dB and 0.09 SSIM (with a random-weight VGG, feature matching does most of that work). One seed and tiny
 # models: small differences are within run-to-run noise. The GAN-only variant trains 3× faster here because it
-# skips VGG19, the most expensive part of an iteration at this size. (The SSIM this table replaced was computed on
-# $[-1, 1]$; on the same outputs it read 0.435, 0.256 and 0.355.)
+# skips VGG19, the most expensive part of an iteration at this size. (SSIM computed on $[-1, 1]$ reads 0.435,
+# 0.256 and 0.355 on the same outputs.)
 
 # %% [markdown]
 # ## 9. Speed: the plain step and the fast path
 #
 # The same step timed side by side (`time_per_step`: warm-up first, then synchronised timing) at this run's full
 # size: the plain eager fp32 step a student would write, and the fast path this device gets. `make bench`
-# (`tools/bench_pix2pixhd.py`) does the same at the official configuration (1024×512, official widths), one row
-# per option. On a CPU the fast path *is* the eager step, so there is one row. With `EMULATE_T4=1` the CPU also
+# (`experiments/bench_pix2pixhd.py`) does the same at the official configuration (1024×512, official widths), one
+# row per option. On a CPU the fast path *is* the eager step, so there is one row. With `EMULATE_T4=1` the CPU also
 # times a T4's fast path: fp16 is slower there, so that row proves the code runs, not that it pays.
 
 # %%
@@ -748,16 +746,16 @@ show_grid(torch.cat([input_picture(preview), reloaded]), "Reloaded generator: la
 # the measured peak GPU memory (none on a CPU) and the stand-ins this run used.
 
 # %%
-total_iterations = sum(r.stopwatch.iterations for r in results.values())
-total_seconds = sum(r.stopwatch.seconds for r in results.values())
+total_iterations = sum(r.run.stopwatch.iterations for r in results.values())
+total_seconds = sum(r.run.stopwatch.seconds for r in results.values())
 metrics_path = write_metrics(
     RUN_DIR, NOTEBOOK, SMOKE, DEVICE, iterations=total_iterations, seconds=total_seconds,
     throughput={"it_per_s": total_iterations / total_seconds,
-                "img_per_s": sum(r.stopwatch.images for r in results.values()) / total_seconds},
+                "img_per_s": sum(r.run.stopwatch.images for r in results.values()) / total_seconds},
     quality=scores, stand_ins=STAND_INS, dataset=DATASET, image_size=IMAGE_SIZE,
     parameters_official=OFFICIAL_PARAMS, parameters_this_run=RUN_PARAMS, fast_path=FAST.describe(),
     step_timings=timings, main_run_peak_gpu_mb=MAIN_PEAK_MB,
-    seconds_per_iteration_main=main.stopwatch.seconds / main.stopwatch.iterations,
+    seconds_per_iteration_main=main.run.stopwatch.seconds / main.run.stopwatch.iterations,
 )
 print(metrics_path.read_text())
 

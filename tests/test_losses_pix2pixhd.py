@@ -1,12 +1,13 @@
-"""pix2pixHD losses in helpers.losses, checked against numbers worked out by hand."""
+"""pix2pixHD losses (helpers.pix2pixhd.losses; the LSGAN losses of helpers.losses), checked against numbers worked
+out by hand."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from helpers.losses import (
-    PIX2PIXHD_VGG_WEIGHTS, feature_matching_loss, lsgan_discriminator_loss, pix2pixhd_generator_loss, vgg_loss,
-)
+from helpers.losses import lsgan_discriminator_loss
+from helpers.pix2pixhd.losses import (PIX2PIXHD_VGG_WEIGHTS, feature_matching_loss, pix2pixhd_generator_loss,
+                                      vgg_loss)
 
 
 def full(value: float, shape=(1, 1, 2, 2)) -> torch.Tensor:

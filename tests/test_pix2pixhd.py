@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.pix2pixhd import (
-    CMP_FACADES_URL, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, NLayerDiscriminator, PairedFolderDataset,
-    ProceduralLabelImages, ResnetBlock, check_image_size, download_cmp_facades, encode_input,
-    instance_edges,
-    label_sketch, linear_decay_lr, one_hot_labels,
+from helpers.pix2pixhd.data import (
+    CMP_FACADES_URL, PairedFolderDataset, ProceduralLabelImages, check_image_size, download_cmp_facades,
+    encode_input, instance_edges, label_sketch, one_hot_labels,
 )
+from helpers.pix2pixhd.model import (GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, NLayerDiscriminator,
+                                     ResnetBlock)
+from helpers.pix2pixhd.train import linear_decay_lr
 from helpers.downloads import PROJECT_URL, TIMEOUT_S, USER_AGENT, DownloadError
 from helpers.metrics import psnr, ssim
 from helpers.training import count_parameters
@@ -237,6 +238,16 @@ def test_cmp_facades_download_unpacks_the_zip(tmp_path):
     assert len(PairedFolderDataset(folder, folder, 32, label_nc=13)) == 1
 
 
+def test_a_damaged_cmp_facades_archive_is_deleted_with_what_to_do(tmp_path):
+    """A download cut short leaves a file that is no zip: it is deleted, and the error says to run again."""
+    archive = tmp_path / "cmp_facades" / "CMP_facade_DB_base.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(RuntimeError, match=r"could not unpack the CMP facades .*deleted: run again"):
+        download_cmp_facades(tmp_path, url="http://127.0.0.1:9/none.zip")  # the file is there: no download
+    assert not archive.exists()
+
+
 def test_cmp_facades_download_has_a_timeout_a_user_agent_and_says_what_to_do(tmp_path, monkeypatch):
     requests = []
 
@@ -278,7 +289,7 @@ def test_psnr_by_hand_on_unit_range_images():
 def test_ssim_of_a_grey_wall_and_the_same_wall_5_percent_brighter():
     # Constant images: the contrast-structure term is (0 + C2) / (0 + C2) = 1, so SSIM is the luminance term
     # (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1), C1 = (0.01 * 1)^2: (0.55 + 1e-4) / (0.25 + 0.3025 + 1e-4).
-    # On [-1, 1] with range 2 the same pair (0 vs 0.1) gave 4e-4 / 0.0104 = 0.038: the defect of issue 10.1.
+    # On [-1, 1] with range 2 the same pair (0 vs 0.1) gives 4e-4 / 0.0104 = 0.038: why SSIM takes [0, 1].
     wall, brighter = torch.full((1, 3, 16, 16), 0.5), torch.full((1, 3, 16, 16), 0.55)
     # float32: the variance blur(x^2) - blur(x)^2 cancels 0.3025 - 0.3025, an error of a few eps * 0.3025 next to
     # C2 = (0.03)^2 = 9e-4 in the contrast term (measured 555 eps relative)

@@ -9,13 +9,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import helpers.pix2pixhd as p2p
+import helpers.pix2pixhd.train as p2p
 from helpers.environment import seed_everything
-from helpers.pix2pixhd import (
-    FastPath, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, ProceduralLabelImages, TrainingSetup,
-    encode_pair_batch, pix2pixhd_train_step, train_variant, training_step_flops, two_stage_plan,
-)
-from helpers.losses import PIX2PIXHD_VGG_LAYERS
+from helpers.pix2pixhd.data import ProceduralLabelImages, encode_pair_batch
+from helpers.pix2pixhd.fast_path import FastPath
+from helpers.pix2pixhd.losses import PIX2PIXHD_VGG_LAYERS
+from helpers.pix2pixhd.model import GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
+from helpers.pix2pixhd.train import (TrainingSetup, pix2pixhd_train_step, train_variant, training_step_flops,
+                                     two_stage_plan)
+from helpers.training import CheckpointMismatchError
 from helpers.vgg import VGG19Features
 
 IN_NC = ProceduralLabelImages.label_nc + 1  # one-hot classes + the instance-edge channel
@@ -64,13 +66,13 @@ def straight(tmp_path_factory, vgg, one_thread):
 
 def test_uninterrupted_run_follows_the_plan(straight):
     assert straight.complete and isinstance(straight.G, LocalEnhancer)
-    assert straight.stopwatch.iterations == 6 * N_TRAIN
-    steps, lrs = straight.history.series("lr")
+    assert straight.run.stopwatch.iterations == 6 * N_TRAIN
+    steps, lrs = straight.run.history.series("lr")
     assert steps == list(range(1, 6 * N_TRAIN + 1))
     # as the official schedule, the first decay epoch still runs at 2e-4 and the last at 2e-4 / n_decay:
     # global (1, 1): 2e-4, 2e-4; local (2, 2): 2e-4, 2e-4, 2e-4, 1e-4
     assert lrs[::N_TRAIN] == [2e-4, 2e-4, 2e-4, 2e-4, 2e-4, 1e-4]
-    assert sorted(straight.progress.snapshots) == [N_TRAIN * e for e in range(1, 7)]
+    assert sorted(straight.run.snapshots) == [N_TRAIN * e for e in range(1, 7)]
     assert all(p.requires_grad for p in straight.G.parameters()), "G1 is unfrozen after stage 2"
 
 
@@ -81,6 +83,19 @@ def test_adam_is_rebuilt_over_all_of_G_after_the_frozen_epochs(straight, tmp_pat
     opt_g = torch.load(folder / "checkpoints" / "v_local.pt", weights_only=False)["state"]["opt_g"]
     steps = {int(s["step"]) for s in opt_g["state"].values()}
     assert steps == {2 * N_TRAIN} and len(opt_g["state"]) == len(list(straight.G.parameters()))
+
+
+def test_a_stage_checkpoint_holds_the_models_the_optimizers_and_one_run_record(straight, tmp_path_factory):
+    """The run record is saved under "run": the iterations of the whole variant, the epochs of this stage."""
+    folder = next(tmp_path_factory.getbasetemp().glob("straight*"))
+    for stage, iterations in (("global", 2 * N_TRAIN), ("local", 6 * N_TRAIN)):
+        saved = torch.load(folder / "checkpoints" / f"v_{stage}.pt", weights_only=False)
+        assert set(saved["state"]) == {"G", "D", "opt_g", "opt_d", "scaler", "run"}
+        run_state = saved["state"]["run"]
+        assert saved["step"] == run_state["step"] == run_state["stopwatch"]["iterations"] == iterations
+        assert run_state["epoch"] == (2 if stage == "global" else 4)
+        assert sorted(run_state["snapshots"]) == list(range(N_TRAIN, iterations + 1, N_TRAIN))
+        assert len(run_state["history"]["lr"]) == iterations
 
 
 def test_stage_2_starts_from_the_trained_G1_and_keeps_it_frozen(tmp_path, vgg, one_thread):
@@ -100,13 +115,13 @@ def test_stage_2_starts_from_the_trained_G1_and_keeps_it_frozen(tmp_path, vgg, o
                                                              "after-adam-rebuild"])
 def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, vgg, straight, stop_after, one_thread):
     stopped = run(tmp_path, vgg, stop_after=stop_after)
-    assert not stopped.complete and stopped.stopwatch.iterations == N_TRAIN * stop_after
+    assert not stopped.complete and stopped.run.stopwatch.iterations == N_TRAIN * stop_after
     resumed = run(tmp_path, vgg)  # a fresh session: new models, data loader, records; resumes from disk
     assert resumed.complete
     assert same_weights(resumed.G, straight.G) and same_weights(resumed.D, straight.D)
-    assert resumed.history.state_dict() == straight.history.state_dict()
-    assert resumed.stopwatch.iterations == straight.stopwatch.iterations
-    assert sorted(resumed.progress.snapshots) == sorted(straight.progress.snapshots)
+    assert resumed.run.history.state_dict() == straight.run.history.state_dict()
+    assert resumed.run.stopwatch.iterations == straight.run.stopwatch.iterations
+    assert sorted(resumed.run.snapshots) == sorted(straight.run.snapshots)
 
 
 def test_a_second_call_says_it_resumes_or_reuses_and_trains_no_further(tmp_path, vgg, straight, capsys,
@@ -123,11 +138,21 @@ def test_a_second_call_says_it_resumes_or_reuses_and_trains_no_further(tmp_path,
     again = run(tmp_path, vgg)
     assert f"v: reusing the finished run in {tmp_path / 'checkpoints'} (epoch 6 of 6)" in capsys.readouterr().out
     assert again.complete and again.saved_before == 6
-    assert again.stopwatch.iterations == straight.stopwatch.iterations
+    assert again.run.stopwatch.iterations == straight.run.stopwatch.iterations
     assert same_weights(again.G, straight.G) and same_weights(again.D, straight.D)
-    assert again.history.state_dict() == straight.history.state_dict()
+    assert again.run.history.state_dict() == straight.run.history.state_dict()
     stopped_again = run(tmp_path, vgg, stop_after=3)  # asking a finished run to stop changes nothing
     assert stopped_again.complete and same_weights(stopped_again.G, straight.G)
+
+
+def test_a_checkpoint_without_a_run_record_is_refused_with_what_to_do(tmp_path):
+    """A checkpoint kept by each record on its own ("history", "stopwatch", "progress"), as an older version of
+    the loop wrote it, says what to do instead of failing on a missing key."""
+    path = tmp_path / "checkpoints" / "v_global.pt"
+    path.parent.mkdir()
+    torch.save({"format": 3, "state": {"progress": {"epoch": 2, "snapshots": {}}}}, path)
+    with pytest.raises(CheckpointMismatchError, match=r"v_global.pt' holds no run record.*new folder"):
+        p2p.saved_epochs("v", PLAN, tmp_path)
 
 
 def test_the_resume_check_fails_when_resume_loses_the_random_state(tmp_path, vgg, straight, monkeypatch,
