@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from helpers.text2image import Discriminator, Generator, TextToImageRecipe, gan_cls_train_step
+from helpers.t2i.model import Discriminator, Generator
+from helpers.t2i.train import TextToImageRecipe, gan_cls_train_step
 from helpers.training import time_per_step
 
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2

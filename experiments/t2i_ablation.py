@@ -17,12 +17,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from helpers.t2i.classifier import train_attribute_classifier
+from helpers.t2i.data import MEAN_Z_DISTANCE, same_caption_pixel_distance, sample_batch
+from helpers.t2i.evaluate import (caption_accuracy, images_per_caption, mean_and_spread, seeded_noise,
+                                  within_caption_spread)
+from helpers.t2i.model import Discriminator, Generator
+from helpers.t2i.shapes import (TEMPLATES, all_combinations, describe, make_shapes, real_images_per_combination,
+                                split_combinations)
+from helpers.t2i.text import DEFAULT_ENCODER, LOCAL_ENCODER_ENV, TextEncoder
+from helpers.t2i.train import TextToImageRecipe, TextToImageSchedule, train_text_to_image
+from helpers.training import History, TrainingRun, count_parameters
+
 ROOT = Path(__file__).resolve().parent.parent
-
-import torch  # noqa: E402
-
-from helpers import text2image as t2i  # noqa: E402
-from helpers.training import History, count_parameters  # noqa: E402
 
 # name -> (model options, loss weights): "paper" is Reed et al.'s recipe, "improved" the notebook's; the rows
 # between add one change at a time; the last rows swap one part of the improved recipe
@@ -46,10 +54,10 @@ SIZE, WIDTH, BATCH = 32, 16, 64
 
 def shapes_and_embeddings(seed: int) -> tuple:
     """The notebook's shapes set (CPU run), the split, and a caption -> embedding table of all captions."""
-    train_combos, test_combos = t2i.split_combinations(0.2, seed=seed)
-    data = t2i.make_shapes(4000, train_combos, SIZE, seed=seed)
-    encoder = t2i.TextEncoder(t2i.DEFAULT_ENCODER, os.environ.get(t2i.LOCAL_ENCODER_ENV))
-    captions = [t2i.describe(c, k) for c in t2i.all_combinations() for k in range(len(t2i.TEMPLATES))]
+    train_combos, test_combos = split_combinations(0.2, seed=seed)
+    data = make_shapes(4000, train_combos, SIZE, seed=seed)
+    encoder = TextEncoder(DEFAULT_ENCODER, os.environ.get(LOCAL_ENCODER_ENV))
+    captions = [describe(c, k) for c in all_combinations() for k in range(len(TEMPLATES))]
     table = dict(zip(captions, encoder.encode(captions)))
     return data, train_combos, test_combos, table
 
@@ -59,25 +67,25 @@ def train_variant(name: str, data, table: dict, iterations: int, seed: int, cap:
     options, weights = VARIANTS[name]
     weights = {k: (cap if v == "real" else v) for k, v in weights.items()}
     torch.manual_seed(seed)
-    G = t2i.Generator(384, 100, 128, WIDTH, SIZE, conditional_bn=options.get("conditional_bn", False))
+    G = Generator(384, 100, 128, WIDTH, SIZE, conditional_bn=options.get("conditional_bn", False))
     pack = options.get("pack", 1)
-    D = t2i.Discriminator(384, 128, WIDTH, SIZE, projection=options.get("projection", False),
+    D = Discriminator(384, 128, WIDTH, SIZE, projection=options.get("projection", False),
                           n_classes=data.class_counts if options.get("auxiliary") else (), pack=pack)
     state = {"G": G, "D": D, "opt_g": torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999)),
              "opt_d": torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999)),
-             "scaler": torch.amp.GradScaler("cpu", enabled=False), "run": t2i.TextToImageRun(History())}
+             "scaler": torch.amp.GradScaler("cpu", enabled=False), "run": TrainingRun(History())}
     embeddings = torch.stack([table[c] for c in data.captions])
 
     def batch_at(step: int) -> tuple:
         rng = torch.Generator().manual_seed(step)
-        images, right, wrong, labels = t2i.sample_batch(data, BATCH // pack, rng, pack)
+        images, right, wrong, labels = sample_batch(data, BATCH // pack, rng, pack)
         return images, embeddings[right], embeddings[wrong], labels
 
     checkpoint = ROOT / "runs" / "t2i_ablation" / f"{name.replace(' ', '_')}.pt"
     checkpoint.unlink(missing_ok=True)
-    schedule = t2i.TextToImageSchedule(iterations, snapshot_every=iterations, checkpoint_every=iterations)
-    fixed = (t2i.seeded_noise(2, 100, 0), embeddings[:2])
-    run = t2i.train_text_to_image(state, batch_at, t2i.TextToImageRecipe(**weights), schedule, checkpoint,
+    schedule = TextToImageSchedule(iterations, snapshot_every=iterations, checkpoint_every=iterations)
+    fixed = (seeded_noise(2, 100, 0), embeddings[:2])
+    run = train_text_to_image(state, batch_at, TextToImageRecipe(**weights), schedule, checkpoint,
                                   {"variant": name}, fixed)
     return G, run.stopwatch.throughput()["it_per_s"], count_parameters(G) + count_parameters(D)
 
@@ -86,20 +94,20 @@ def score(G, classifier, table: dict, train_combos, test_combos) -> dict:
     """Caption accuracy (all four attributes) on seen/unseen combinations, shuffled control, and spread."""
     out = {}
     for split, combos in (("seen", train_combos), ("unseen", test_combos)):
-        data = t2i.make_shapes(500, combos, SIZE, seed=2)
-        pick = torch.randint(len(t2i.TEMPLATES), (500,), generator=torch.Generator().manual_seed(0))
+        data = make_shapes(500, combos, SIZE, seed=2)
+        pick = torch.randint(len(TEMPLATES), (500,), generator=torch.Generator().manual_seed(0))
         text = torch.stack([table[data.captions[ids[k]]] for ids, k in zip(data.caption_ids, pick.tolist())])
-        scores = t2i.caption_accuracy(G, classifier, text, data.attributes, SEEDS)
+        scores = caption_accuracy(G, classifier, text, data.attributes, SEEDS)
         for kind, per_seed in scores.items():
-            out[f"{split} {kind}"] = t2i.mean_and_spread([s["all"] for s in per_seed])
-            out[f"{split} {kind} shape"] = t2i.mean_and_spread([s["shape"] for s in per_seed])
+            out[f"{split} {kind}"] = mean_and_spread([s["all"] for s in per_seed])
+            out[f"{split} {kind} shape"] = mean_and_spread([s["shape"] for s in per_seed])
     pick = torch.randperm(len(train_combos), generator=torch.Generator().manual_seed(0))[:16].tolist()
     combos = [train_combos[i] for i in pick]
-    real = t2i.real_images_per_combination(combos, 8, SIZE, seed=5)
-    text = torch.stack([table[t2i.describe(c)] for c in combos])
-    spreads = [t2i.within_caption_spread(t2i.images_per_caption(G, text, 8, s)).mean().item() for s in SEEDS]
-    out["spread"] = t2i.mean_and_spread(spreads)
-    out["spread real"] = (t2i.within_caption_spread(real).mean().item(), 0.0)
+    real = real_images_per_combination(combos, 8, SIZE, seed=5)
+    text = torch.stack([table[describe(c)] for c in combos])
+    spreads = [within_caption_spread(images_per_caption(G, text, 8, s)).mean().item() for s in SEEDS]
+    out["spread"] = mean_and_spread(spreads)
+    out["spread real"] = (within_caption_spread(real).mean().item(), 0.0)
     return out
 
 
@@ -130,9 +138,9 @@ def main() -> int:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     data, train_combos, test_combos, table = shapes_and_embeddings(args.seed)
-    classifier_data = t2i.make_shapes(3000, t2i.all_combinations(), SIZE, seed=args.seed + 1)
-    classifier = t2i.train_attribute_classifier(classifier_data, 1000, seed=args.seed)
-    cap = t2i.same_caption_pixel_distance(data, 256, torch.Generator().manual_seed(args.seed)) / t2i.MEAN_Z_DISTANCE
+    classifier_data = make_shapes(3000, all_combinations(), SIZE, seed=args.seed + 1)
+    classifier = train_attribute_classifier(classifier_data, 1000, seed=args.seed)
+    cap = same_caption_pixel_distance(data, 256, torch.Generator().manual_seed(args.seed)) / MEAN_Z_DISTANCE
     out = args.out
     records = json.loads(out.read_text()) if out.exists() else []
     for name in args.variants:

@@ -18,8 +18,7 @@
 # **Run time.** Measured on 2 idle CPU cores (no GPU): the shapes run (6,000 iterations at batch 64, 32 px, 16
 # feature maps) takes 4.6 min in all, 4.0 min of it training (25.1 it/s); the paper's recipe 7.1 min, 6.5 of it
 # training (15.4 it/s: GAN-INT runs $G$ and $D$ once more per iteration). Smoke mode (CI) takes about 15 s. Flowers
-# at the paper's size (64 px, 64 feature maps, 30,000 iterations) is meant for a GPU and has not been timed yet: the
-# machines that built this notebook had none.
+# at the paper's size (64 px, 64 feature maps, 30,000 iterations) is meant for a GPU and has not been timed yet.
 
 # %% SETUP
 
@@ -49,15 +48,18 @@ from helpers.environment import (autocast, data_dir, describe_device, gpu_choice
                                  use_drive_for_runs)
 from helpers.clip import STAND_IN_CLIP_ID, clip_score, load_clip
 from helpers.plotting import plot_losses, save_figure, show_over_iterations, show_rows
-from helpers.text2image import (
-    ATTRIBUTES, DEFAULT_ENCODER, LOCAL_ENCODER_ENV, TEMPLATES, EmbeddingCache,
-    FlowersWithCaptions, TextEncoder, all_combinations, attribute_accuracy, caption_accuracy,
-    dcgan_init, derangement, describe, download_flowers_captions, feature_map_widths,
-    flowers_class_split, generate, images_per_caption, load_flowers_captions, make_shapes,
-    mean_and_spread, real_images_per_combination, sample_batch,
-    seeded_noise, split_combinations, text_projection, train_attribute_classifier,
-    within_caption_spread)
-from helpers.training import (History, Stopwatch, count_parameters, load_checkpoint,
+from helpers.t2i.text import DEFAULT_ENCODER, LOCAL_ENCODER_ENV, EmbeddingCache, TextEncoder
+from helpers.t2i.shapes import (ATTRIBUTES, TEMPLATES, all_combinations, describe, make_shapes,
+                                real_images_per_combination, split_combinations)
+from helpers.t2i.flowers import (FlowersWithCaptions, download_flowers_captions,
+                                 flowers_class_split, load_flowers_captions)
+from helpers.t2i.data import sample_batch
+from helpers.t2i.classifier import attribute_accuracy, train_attribute_classifier
+from helpers.t2i.model import dcgan_init, feature_map_widths, text_projection
+from helpers.t2i.evaluate import (caption_accuracy, derangement, images_from_text,
+                                  images_per_caption, mean_and_spread, seeded_noise,
+                                  within_caption_spread)
+from helpers.training import (History, Stopwatch, TrainingRun, count_parameters, load_checkpoint,
                               save_checkpoint, write_metrics)
 
 SMOKE = smoke_mode()                            # SMOKE=1: the CI-sized run, nothing downloaded
@@ -229,7 +231,7 @@ except ValueError as err:
 # image has five captions from different templates and synonyms ("a tiny red circle…", "top left: one small red
 # circle"). A caption does not fix the image: the shape moves within its quarter (±8 % of the side) and its size
 # varies by ±20 %, so one caption has many right images and the noise $z$ has something to choose.
-# (`JITTER["turn"] = 1` in `helpers/text2image.py` also turns the shapes by a random angle: a much harder task, see
+# (`JITTER["turn"] = 1` in `helpers/t2i/shapes.py` also turns the shapes by a random angle: a much harder task, see
 # section 7.) 19 of the 96 attribute combinations never appear in training (the analogue of the paper's held-out
 # classes). Because the attributes are known, a small classifier can check whether a generated image shows what
 # its caption says. The shapes are drawn at 32 px, the size the classifier reads.
@@ -321,13 +323,13 @@ def batch_at(step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 #
 # The cells below are the model: edit them and re-run the notebook to train your variant.
 
-# %% [helpers] text2image: ConditionalBatchNorm2d
+# %% [helpers] t2i/model: ConditionalBatchNorm2d
 
-# %% [helpers] text2image: Generator
+# %% [helpers] t2i/model: Generator
 
-# %% [helpers] text2image: Discriminator
+# %% [helpers] t2i/model: Discriminator
 
-# %% [helpers] text2image: packed
+# %% [helpers] t2i/model: packed
 
 # %%
 def build_models() -> tuple[Generator, Discriminator]:
@@ -371,7 +373,7 @@ del paper_G, paper_D
 # $\mathcal{L}_G = \mathrm{BCE}(s_f, 1) + \mathrm{BCE}(s_{int}, 1)$ on logits. At zero logits every BCE is
 # $\ln 2$, so $\mathcal{L}_D = 2\ln 2 \approx 1.386$: a quick check that the ½ weights are in.
 
-# %% [helpers] losses: gan_cls_discriminator_loss, gan_cls_generator_loss, interpolate_embeddings
+# %% [helpers] t2i/losses: gan_cls_discriminator_loss, gan_cls_generator_loss, interpolate_embeddings
 
 # %%
 zero = torch.zeros(3)
@@ -389,7 +391,7 @@ print("h_int of (2, 4) and (0, 8) at beta 0.5:", interpolate_embeddings(
 # G(z_2,h)\rVert_1}{\lVert z_1 - z_2 \rVert_1} + \epsilon)$. Each is a weight in `TextToImageRecipe`
 # (0: off); the improved recipe uses none of them (section 7).
 
-# %% [helpers] losses: feature_matching_mse, l1_image_loss, mode_seeking_loss
+# %% [helpers] t2i/losses: feature_matching_mse, l1_image_loss, mode_seeking_loss
 
 # %% [markdown]
 # **Auxiliary classifier** (TAC-GAN): $D$'s heads learn the labels of real images, and $G$ is trained so that its
@@ -397,27 +399,26 @@ print("h_int of (2, 4) and (0, 8) at beta 0.5:", interpolate_embeddings(
 # per label (flowers: the species; shapes: colour, shape, size and position). It needs labels the paper's GAN-CLS
 # does not use.
 
-# %% [helpers] text2image: auxiliary_class_loss
+# %% [helpers] t2i/losses: auxiliary_class_loss
 
 # %% [markdown]
 # ## 7. Training
 # One iteration: `pack` fakes per caption from fresh noise; one discriminator step on GAN-CLS (plus, with the
 # auxiliary classifier, the cross-entropy of the real images' labels); one generator step against the *updated*
 # discriminator on GAN-CLS + the recipe's extra terms (GAN-INT, feature matching, L1, mode seeking, auxiliary).
-# The feature-matching term takes both of its feature sets from that same updated $D$ (an earlier version of this
-# notebook took the real ones from before $D$'s step: two different discriminators). On a T4 the step runs under
+# The feature-matching term takes both of its feature sets from that same updated $D$. On a T4 the step runs under
 # float16 autocast with a GradScaler (it multiplies the loss before the backward pass so that small gradients do
 # not round to zero in float16, and divides them again before the update); from an A100 on, under bfloat16 without
 # one; channels-last and fused Adam on every GPU; on a CPU in float32. `EMULATE_T4=1` makes a CPU take a T4's
 # choices, to test that path without a GPU.
 
-# %% [helpers] text2image: TextToImageRecipe
+# %% [helpers] t2i/train: TextToImageRecipe
 
-# %% [helpers] text2image: gan_cls_discriminator_step
+# %% [helpers] t2i/train: gan_cls_discriminator_step
 
-# %% [helpers] text2image: gan_cls_generator_step
+# %% [helpers] t2i/train: gan_cls_generator_step
 
-# %% [helpers] text2image: gan_cls_train_step
+# %% [helpers] t2i/train: gan_cls_train_step
 
 # %% [markdown]
 # **The loop.** A checkpoint (models, optimisers, GradScaler, history, timer, sample grids, RNG states) every
@@ -429,9 +430,9 @@ print("h_int of (2, 4) and (0, 8) at beta 0.5:", interpolate_embeddings(
 # from a GPU makes the CPU wait until the GPU has finished, so the loop does it once per window, not ten times
 # per iteration.
 
-# %% [helpers] text2image: TextToImageSchedule, TextToImageRun
+# %% [helpers] t2i/train: TextToImageSchedule
 
-# %% [helpers] text2image: train_text_to_image
+# %% [helpers] t2i/train: train_text_to_image
 
 # %%
 CHECKPOINT = RUN_DIR / f"checkpoint-{DATASET}-{RECIPE}.pt"
@@ -455,7 +456,7 @@ def training_state() -> dict:
     return {"G": g, "D": d, "opt_g": torch.optim.Adam(g.parameters(), LR, betas=BETAS, fused=fused),
             "opt_d": torch.optim.Adam(d.parameters(), LR, betas=BETAS, fused=fused),
             "scaler": CHOICES.grad_scaler(),   # enabled with float16 autocast (a T4), else off
-            "run": TextToImageRun(History(RUN_DIR / "tensorboard"))}
+            "run": TrainingRun(History(RUN_DIR / "tensorboard"))}
 
 
 schedule, halfway = (TextToImageSchedule(n, LR, LR_HALVING_EVERY, SNAPSHOT_EVERY, CHECKPOINT_EVERY,
@@ -484,7 +485,7 @@ print(f"{run.stopwatch.iterations:,} iterations, {run.stopwatch.seconds:.1f} s o
 # | improved | **87.5 ± 2.3 %** / **83.6 ± 1.4 %** | 1.3 % / 4.5 % | 0.125 ± 0.004 | 4.0 min |
 #
 # The improved recipe keeps the paper's GAN-CLS loss, networks and optimiser and changes one thing at a time.
-# `tools/t2i_ablation.py` trains each step of the way on this shapes set for the same 6,000 iterations and scores
+# `experiments/t2i_ablation.py` trains each step of the way on this shapes set for the same 6,000 iterations and scores
 # it as above (its own classifier and evaluation images, so its numbers differ a little from this notebook's):
 #
 # | variant | all four right, seen | unseen | shuffled (seen) | spread across noise (real: 0.144) |
@@ -640,7 +641,8 @@ def clip_scores(model, tokenizer, images: Tensor, captions: list[str]) -> dict[s
     shuffled = [captions[i] for i in order]
     right, wrong = [], []
     for seed in NOISE_SEEDS:
-        fakes = generate(G, seeded_noise(len(captions), Z_DIM, seed, DEVICE), text) * 0.5 + 0.5
+        noise = seeded_noise(len(captions), Z_DIM, seed, DEVICE)
+        fakes = images_from_text(G, noise, text) * 0.5 + 0.5
         right.append(clip_score(model, tokenizer, fakes, captions))
         wrong.append(clip_score(model, tokenizer, fakes, shuffled))
     real = clip_score(model, tokenizer, images * 0.5 + 0.5, captions)
@@ -687,12 +689,12 @@ ends = cache.embed(list(INTERPOLATE), encoder).to(DEVICE)
 betas = torch.linspace(0, 1, INTERPOLATION_STEPS)
 path = torch.stack([interpolate_embeddings(ends[1], ends[0], float(b)) for b in betas])
 noises = seeded_noise(2, Z_DIM, SEED, DEVICE)
-walks = [generate(G, z.expand(INTERPOLATION_STEPS, -1), path) for z in noises]
+walks = [images_from_text(G, z.expand(INTERPOLATION_STEPS, -1), path) for z in noises]
 show_rows([(f"noise {k + 1}: β = 0 → 1", walk) for k, walk in enumerate(walks)],
           f"'{INTERPOLATE[0]}' → '{INTERPOLATE[1]}'", RUN_DIR / "interpolation.png",
           xlabel=f"β from 0 to 1 in {INTERPOLATION_STEPS} steps")
 cache.save()
-ends_alone = generate(G, noises[:1].expand(2, -1), ends)   # the two captions themselves, noise 1
+ends_alone = images_from_text(G, noises[:1].expand(2, -1), ends)  # the two captions, noise 1
 assert torch.allclose(walks[0][[0, -1]], ends_alone, atol=1e-5), "β = 0 and 1 are the two captions"
 
 # %% [markdown]

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from helpers.losses import (feature_matching_mse, gan_cls_discriminator_loss, gan_cls_generator_loss,
-                            interpolate_embeddings, l1_image_loss, mode_seeking_loss)
+from helpers.t2i.losses import (feature_matching_mse, gan_cls_discriminator_loss, gan_cls_generator_loss,
+                                interpolate_embeddings, l1_image_loss, mode_seeking_loss)
 
 LN3 = math.log(3.0)
 EPS = torch.finfo(torch.float32).eps  # the losses are float32: bounds are a few roundings of the value
