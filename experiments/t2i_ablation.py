@@ -70,7 +70,7 @@ def train_variant(name: str, data, table: dict, iterations: int, seed: int, cap:
     G = Generator(384, 100, 128, WIDTH, SIZE, conditional_bn=options.get("conditional_bn", False))
     pack = options.get("pack", 1)
     D = Discriminator(384, 128, WIDTH, SIZE, projection=options.get("projection", False),
-                          n_classes=data.class_counts if options.get("auxiliary") else (), pack=pack)
+                      n_classes=data.class_counts if options.get("auxiliary") else (), pack=pack)
     state = {"G": G, "D": D, "opt_g": torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999)),
              "opt_d": torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999)),
              "scaler": torch.amp.GradScaler("cpu", enabled=False), "run": TrainingRun(History())}
@@ -86,7 +86,7 @@ def train_variant(name: str, data, table: dict, iterations: int, seed: int, cap:
     schedule = TextToImageSchedule(iterations, snapshot_every=iterations, checkpoint_every=iterations)
     fixed = (seeded_noise(2, 100, 0), embeddings[:2])
     run = train_text_to_image(state, batch_at, TextToImageRecipe(**weights), schedule, checkpoint,
-                                  {"variant": name}, fixed)
+                              {"variant": name}, fixed)
     return G, run.stopwatch.throughput()["it_per_s"], count_parameters(G) + count_parameters(D)
 
 

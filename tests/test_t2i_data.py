@@ -56,7 +56,7 @@ def test_make_shapes_and_mismatched_captions():
     assert (data.caption_groups[right] != data.caption_groups[wrong]).all()
     with pytest.raises(ValueError, match="at least two groups"):
         mismatched_captions(torch.zeros(3, dtype=torch.long), torch.zeros(5, dtype=torch.long),
-                                torch.Generator())
+                            torch.Generator())
 
 
 def test_real_shapes_of_one_caption_differ_and_stay_in_their_corner():
@@ -71,7 +71,7 @@ def test_same_caption_pixel_distance_by_hand():
     # group 0: an all-black and an all-white image (|(-1) - 1| = 2 at every pixel); group 1: two equal images
     images = torch.stack([-torch.ones(3, 4, 4), torch.ones(3, 4, 4), torch.zeros(3, 4, 4), torch.zeros(3, 4, 4)])
     data = CaptionedImageSet(images, [[0], [0], [1], [1]], torch.tensor([0, 0, 1, 1]), ["a", "b"],
-                                 torch.tensor([0, 1]))
+                             torch.tensor([0, 1]))
     distance = same_caption_pixel_distance(data, 200, torch.Generator().manual_seed(0))
     assert 0.8 < distance < 1.2            # about half the pairs are 2 apart, the other half 0
     only = CaptionedImageSet(images[:2], [[0], [1]], torch.tensor([0, 1]), ["a", "b"], torch.tensor([0, 1]))
@@ -79,7 +79,7 @@ def test_same_caption_pixel_distance_by_hand():
         same_caption_pixel_distance(only, 1, torch.Generator())
     torch.manual_seed(0)
     assert MEAN_Z_DISTANCE == pytest.approx(torch.randn(200_000).sub(torch.randn(200_000)).abs().mean().item(),
-                                                rel=0.01)
+                                            rel=0.01)
 
 
 def test_packs_hold_images_of_one_group():
@@ -88,7 +88,7 @@ def test_packs_hold_images_of_one_group():
     images = torch.arange(12.0).div(100).view(12, 1, 1, 1).expand(12, 3, 4, 4)
     groups = torch.arange(12) % 3
     data = CaptionedImageSet(images, [[int(g)] for g in groups], groups, ["a", "b", "c"],
-                                 torch.arange(3), attributes=torch.zeros(12, 4, dtype=torch.long))
+                             torch.arange(3), attributes=torch.zeros(12, 4, dtype=torch.long))
     packs, right, _, _ = sample_batch(data, 32, torch.Generator().manual_seed(0), pack=2)
     assert packs.shape == (32, 6, 4, 4)
     first, second = (packs[:, c, 0, 0].mul(100).round().long() for c in (0, 3))
@@ -220,7 +220,7 @@ def test_flowers_captions_download_follows_the_warning_page_after_a_failed_sourc
     folder = download_flowers_captions(tmp_path, urls=urls, timeout=5)
     assert agents == [USER_AGENT] * 3             # quota page, warning page, file: the project's User-Agent
     assert load_flowers_captions(folder) == {"image_00001": ["this flower has white petals",
-                                                                 "the petals are round"]}
+                                                             "the petals are round"]}
     assert download_flowers_captions(tmp_path, urls=["http://127.0.0.1:1/never"]) == folder   # kept
 
 
@@ -298,7 +298,7 @@ def test_flowers102_download_failure_says_what_to_do(tmp_path, oxford_server, mo
     import hashlib
     server, _ = oxford_server
     monkeypatch.setattr(flowers, "FLOWERS102_FILES", {k: hashlib.md5(v).hexdigest()
-                                                  for k, v in flowers102_files().items()})
+                                                      for k, v in flowers102_files().items()})
     with pytest.raises(DownloadError, match=r"(?s)2 sources.*gone/102flowers.tgz.*or set T2I_DATASET=shapes"):
         download_flowers102(tmp_path, [f"{server}/gone/", f"{server}/gone/"], timeout=5)
     with pytest.raises(DownloadError, match=r"102flowers.tgz arrived damaged.*or set T2I_DATASET=shapes"):

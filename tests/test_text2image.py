@@ -179,14 +179,14 @@ def test_fit_stopped_and_resumed_equals_a_straight_run(tmp_path, capsys, amp_dty
     schedule = TextToImageSchedule(4, checkpoint_every=2, log_every=3)
     straight_state = fit_state(0, amp_dtype)
     straight = train_text_to_image(straight_state, batch_at, recipe, schedule, tmp_path / "a.pt", config, fixed,
-                                       amp_dtype)
+                                   amp_dtype)
     straight_scale = straight_state["scaler"].get_scale()
     train_text_to_image(fit_state(0, amp_dtype), batch_at, recipe, TextToImageSchedule(2, log_every=3),
-                            tmp_path / "b.pt", config, fixed, amp_dtype)
+                        tmp_path / "b.pt", config, fixed, amp_dtype)
     resumed_state = fit_state(1, amp_dtype)   # a fresh session: other initial weights and scale, then the checkpoint
     resumed_state["scaler"] = scaler_for(amp_dtype, init_scale=2.0**12)
     resumed = train_text_to_image(resumed_state, batch_at, recipe, TextToImageSchedule(4, log_every=3),
-                                      tmp_path / "b.pt", config, fixed, amp_dtype)
+                                  tmp_path / "b.pt", config, fixed, amp_dtype)
     assert resumed.step == straight.step == 4 and sorted(resumed.snapshots) == [2, 4]   # 2: where it stopped
     # windows of 3 close at the checkpoint (2), at 3 and at the end (4), stopped and resumed alike
     assert resumed.history.series("loss/G") == straight.history.series("loss/G")
@@ -195,8 +195,8 @@ def test_fit_stopped_and_resumed_equals_a_straight_run(tmp_path, capsys, amp_dty
     assert resumed.stopwatch.iterations == 4
     assert resumed_state["scaler"].get_scale() == straight_scale   # the GradScaler's state came back as well
     again = train_text_to_image(fit_state(2, amp_dtype), batch_at, recipe,   # a second Run all: nothing to train
-                                    TextToImageSchedule(4, log_every=3), tmp_path / "b.pt", config, fixed,
-                                    amp_dtype)
+                                TextToImageSchedule(4, log_every=3), tmp_path / "b.pt", config, fixed,
+                                amp_dtype)
     assert again.history.series("loss/G") == straight.history.series("loss/G")
     printed = capsys.readouterr().out
     assert f"resuming from {tmp_path / 'b.pt'} at 2" in printed
@@ -255,7 +255,7 @@ def test_history_gets_the_mean_of_each_window_of_log_every_iterations(tmp_path):
         torch.manual_seed(5)
         schedule = TextToImageSchedule(7, checkpoint_every=100, snapshot_every=100, log_every=every)
         runs[every] = train_text_to_image(fit_state(), batch_at, recipe, schedule, tmp_path / f"{every}.pt",
-                                              {}, fixed).history
+                                          {}, fixed).history
     for name in ("loss/D", "loss/G", "D/real_wrong"):
         steps, values = runs[1].series(name)
         assert steps == list(range(1, 8))
