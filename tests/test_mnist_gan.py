@@ -211,3 +211,18 @@ def test_choose_step_takes_the_graphed_path_under_t4_emulation_and_says_the_grap
     assert step != recipe.step and step.__qualname__.startswith("graphed_step")
     out = capsys.readouterr().out
     assert "EMULATE_T4:" in out and "CUDA graph" in out and "skipped on cpu" in out
+
+
+def test_the_ablation_trains_its_variants_with_the_family_modules_and_scores_on_schedule(capsys):
+    import ablate_gan  # experiments/ablate_gan.py
+
+    from helpers import metrics
+
+    recipe, averages = ablate_gan.variant_recipe("dropout+ttur+hinge+mbstd")
+    assert isinstance(recipe, Recipe) and isinstance(recipe.G, Generator) and set(averages) == set(ablate_gan.AVERAGES)
+    score = metrics.SampleQuality(metrics.MnistClassifier().eval(), IMAGES[:40], torch.device("cpu"))
+    rows = ablate_gan.run("adam09", torch.rand(128, 1, 28, 28) * 2 - 1, score, iterations=5, every=3,
+                          samples=50)
+    assert [row["step"] for row in rows] == [3, 5]  # every 3 iterations, and at the end
+    assert all(set(row) == {"step", "it_per_s", "G", *ablate_gan.AVERAGES} for row in rows)
+    assert capsys.readouterr().out.count("adam09 {") == 2
