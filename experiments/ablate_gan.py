@@ -7,7 +7,10 @@ of changes and print the FD (the notebooks' classifier-feature FD on 2,000 sampl
 
 Each variant starts from the same seed and sees the same batches; the moving averages never feed back into
 training, so one run scores every averaging rate at once. One run of 8,000 iterations takes 5-15 min on one
-CPU thread. The losses are written with logits (BCE with logits equals the seed's BCE on sigmoid outputs).
+CPU thread. The notebooks' modules do the work: helpers.gan's generator, recipe, batches and epoch loop
+(train_epoch), helpers.training's moving average (ema_update) and run record. What a variant changes is here:
+its discriminator and its losses, written with logits (BCE with logits equals the seed's BCE on sigmoid
+outputs), in a step that keeps the order of the seed's gan_train_step.
 """
 from __future__ import annotations
 
@@ -15,17 +18,19 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
+from functools import partial
 
-ROOT = Path(__file__).resolve().parent.parent
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from helpers import data, metrics  # noqa: E402
-from helpers.environment import data_dir  # noqa: E402
-from helpers.mnist_gan import IMAGE_PIXELS, Generator, batches, generate  # noqa: E402
+from helpers import data, metrics
+from helpers.environment import data_dir
+from helpers.gan.evaluate import gan_samples
+from helpers.gan.model import IMAGE_PIXELS, Generator, Recipe
+from helpers.gan.train import GanPlan, batches, train_epoch
+from helpers.training import TrainingRun, ema_update
 
 # name -> changes to the seed's recipe
 VARIANTS = {
@@ -46,6 +51,7 @@ VARIANTS = {
     "adam09": {"betas": (0.0, 0.9)},  # the notebooks' improved recipe, sampled from ema0.99
 }
 AVERAGES = {"ema0.99": 0.99, "ema0.999": 0.999}  # decay of each moving average scored beside G
+BATCH_SIZE, ITERATIONS_PER_EPOCH, SCORE_EVERY = 64, 937, 2_000  # an epoch: 60,000 images once
 
 
 class MinibatchStd(nn.Module):
@@ -84,52 +90,70 @@ def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, loss: str, sm
             + F.softplus(d_fake).mean()) / 2
 
 
-@torch.no_grad()
-def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """The notebooks' EMA: weights averaged, batch-norm statistics averaged too."""
-    for mine, theirs in zip(average.parameters(), model.parameters()):
-        mine.lerp_(theirs, 1 - decay)
-    for mine, theirs in zip(average.buffers(), model.buffers()):
-        mine.lerp_(theirs, 1 - decay) if theirs.dtype.is_floating_point else mine.copy_(theirs)
+def variant_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer,
+                 averages: dict[str, nn.Module], loss: str, smooth: float, real: torch.Tensor,
+                 z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One iteration in the seed's order: a G step on the fakes, a D step on the real images and the
+    detached fakes, then every moving average of G updated (helpers.training.ema_update)."""
+    fake = G(z)
+    g_loss = generator_loss(D(fake), loss)
+    opt_g.zero_grad()
+    g_loss.backward()
+    opt_g.step()
+    d_loss = discriminator_loss(D(real), D(fake.detach()), loss, smooth)
+    opt_d.zero_grad()
+    d_loss.backward()
+    opt_d.step()
+    for key, decay in AVERAGES.items():
+        ema_update(averages[key], G, decay)
+    return {"loss/generator": g_loss.detach(), "loss/discriminator": d_loss.detach()}
 
 
-def run(name: str, images: torch.Tensor, score: metrics.SampleQuality, iterations: int) -> list[dict]:
-    """Train one variant for `iterations`; FD and coverage of G and of each average every 2,000."""
+def variant_recipe(name: str) -> tuple[Recipe, dict[str, nn.Module]]:
+    """The seed's generator and a variant discriminator, their optimizers and the variant's step, as a
+    helpers.gan Recipe; and the moving averages of G that the step updates."""
     options = VARIANTS[name]
     torch.manual_seed(0)
     G = Generator()
-    D = discriminator(options.get("spectral_norm", False), options.get("dropout", 0.0), options.get("mbstd", False))
+    D = discriminator(options.get("spectral_norm", False), options.get("dropout", 0.0),
+                      options.get("mbstd", False))
     averages = {key: copy.deepcopy(G).requires_grad_(False) for key in AVERAGES}
     lr_g, lr_d = (1e-4, 4e-4) if options.get("ttur") else (2e-4, 2e-4)
     betas = options.get("betas", (0.5, 0.999))
     opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas)
-    rows, step, epoch, started = [], 0, 0, time.perf_counter()
-    while step < iterations:
-        for real in batches(images, 64, 937, torch.Generator().manual_seed(epoch)):
-            fake = G(torch.randn(64, 100))
-            g_loss = generator_loss(D(fake), options.get("loss", "bce"))
-            opt_g.zero_grad()
-            g_loss.backward()
-            opt_g.step()
-            d_loss = discriminator_loss(D(real), D(fake.detach()), options.get("loss", "bce"),
-                                        options.get("smooth", 1.0))
-            opt_d.zero_grad()
-            d_loss.backward()
-            opt_d.step()
-            for key, decay in AVERAGES.items():
-                update_average(averages[key], G, decay)
-            step += 1
-            if step % 2000 == 0 or step == iterations:
-                row = {"step": step, "it_per_s": round(step / (time.perf_counter() - started), 1)}
-                for key, model in {"G": G, **averages}.items():
-                    quality = score(generate(model, 2000, torch.device("cpu"), seed=1))
-                    row[key] = {"fd": round(quality["fd"], 1), "coverage_nats": round(quality["coverage_nats"], 3)}
+    step = partial(variant_step, G, D, opt_g, opt_d, averages, options.get("loss", "bce"),
+                   options.get("smooth", 1.0))
+    return Recipe(name, G, D, opt_g, opt_d, step, G, {"variant": name, **options}), averages
+
+
+def run(name: str, images: torch.Tensor, score: metrics.SampleQuality, iterations: int,
+        every: int = SCORE_EVERY, samples: int = 2_000) -> list[dict]:
+    """Train one variant for `iterations` with helpers.gan's epoch loop (an epoch's batches cut where
+    a score is due); FD and coverage of `samples` images of G and of each average every `every`
+    iterations and at the end."""
+    recipe, averages = variant_recipe(name)
+    plan = GanPlan(-(-iterations // ITERATIONS_PER_EPOCH), ITERATIONS_PER_EPOCH, BATCH_SIZE, 0,
+                   log_every=100, snapshot_steps=(), fixed_noise=torch.zeros(0),
+                   quality=lambda G: score(gan_samples(G, samples, torch.device("cpu"), seed=1)))
+    record, rows, started = TrainingRun(), [], time.perf_counter()
+    while record.step < iterations:
+        epoch = batches(images, BATCH_SIZE, ITERATIONS_PER_EPOCH,
+                        torch.Generator().manual_seed(record.epoch))
+        while epoch and record.step < iterations:
+            due = min(every - record.step % every, iterations - record.step)  # steps to the next score
+            piece, epoch = epoch[:due], epoch[due:]
+            train_epoch(recipe.step, recipe, piece, record, plan)
+            if record.step % every == 0 or record.step == iterations:
+                row = {"step": record.step,
+                       "it_per_s": round(record.step / (time.perf_counter() - started), 1)}
+                for key, model in {"G": recipe.G, **averages}.items():
+                    quality = plan.quality(model)
+                    row[key] = {"fd": round(quality["fd"], 1),
+                                "coverage_nats": round(quality["coverage_nats"], 3)}
                 rows.append(row)
                 print(name, json.dumps(row), flush=True)
-            if step >= iterations:
-                break
-        epoch += 1
+        record.epoch += 1
     return rows
 
 

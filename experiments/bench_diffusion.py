@@ -1,4 +1,4 @@
-"""`make bench` case for notebook 07: one training step of the latent text model (`train_step`).
+"""`make bench` case for notebook 07: one training step of the latent text model (`denoiser_train_step`).
 
 Both sizes use the notebook's full-mode model (a 2-level U-Net of widths 32 and 64 on 4x7x7 latents, with
 cross-attention to 16 tokens of 384 numbers, the MiniLM size) at batch 128. CPU (reduced: fewer timed
@@ -12,7 +12,7 @@ import torch
 
 from helpers.diffusion.model import Denoiser
 from helpers.diffusion.schedule import NoiseSchedule
-from helpers.diffusion.train import DenoiserRun, Plan, train_step
+from helpers.diffusion.train import DenoiserPlan, DenoiserRun, denoiser_train_step
 from helpers.environment import GpuChoices, gpu_choices
 from helpers.training import time_per_step
 
@@ -34,11 +34,12 @@ def time_step(device: torch.device, choices: GpuChoices, iterations: int) -> dic
     generator = torch.Generator().manual_seed(0)
     memory = torch.channels_last if choices.channels_last else torch.preserve_format
     model = Denoiser(4, WIDTHS, context_dim=CONTEXT_DIM).to(device, memory_format=memory)
-    run = DenoiserRun(model, Plan(iterations, BATCH_SIZE), choices)
+    run = DenoiserRun(model, DenoiserPlan(iterations, BATCH_SIZE), choices)
     latents = torch.randn(2_000, 4, 7, 7, generator=generator).to(device)
     labels, text = torch.randint(10, (2_000,), generator=generator), RandomText(generator)
     schedule = NoiseSchedule("cosine", 1000)
-    return time_per_step(lambda: train_step(run, schedule, latents, labels, text), device, iterations, 5)
+    step = lambda: denoiser_train_step(run, schedule, latents, labels, text)  # noqa: E731
+    return time_per_step(step, device, iterations, 5)
 
 
 def run(device: torch.device, reduced: bool) -> list[dict]:
@@ -46,7 +47,7 @@ def run(device: torch.device, reduced: bool) -> list[dict]:
     iterations = 20 if reduced else 200
     config = {"widths": list(WIDTHS), "latent": [4, 7, 7], "tokens": TOKENS, "batch": BATCH_SIZE}
     plain = GpuChoices(device, None, device.type == "cuda", False)
-    rows = [{"notebook": "07", "variant": "eager fp32 (the taught train_step)", "baseline": True,
+    rows = [{"notebook": "07", "variant": "eager fp32 (the taught denoiser_train_step)", "baseline": True,
              "config": config, **time_step(device, plain, iterations),
              "note": "" if device.type == "cuda" else "CPU: the notebook runs this step"}]
     choices = gpu_choices(device)

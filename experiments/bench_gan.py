@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from helpers.mnist_gan import choose_step, improved_recipe, seed_recipe
+from helpers.gan.cuda_graph import choose_step
+from helpers.gan.model import improved_recipe, seed_recipe
 from helpers.training import time_per_step
 
 BATCH_SIZE = 64
@@ -36,5 +37,5 @@ def time_recipe(label: str, step_name: str, build, device: torch.device, reduced
 def run(device: torch.device, reduced: bool) -> list[dict]:
     """The seed recipe's and the improved recipe's steps (the networks are small enough to keep their
     full-mode sizes on a CPU; `reduced` only shortens the timing)."""
-    return (time_recipe("01/02 seed", "train_step", seed_recipe, device, reduced)
+    return (time_recipe("01/02 seed", "gan_train_step", seed_recipe, device, reduced)
             + time_recipe("01/02 improved", "improved_step", improved_recipe, device, reduced))

@@ -34,6 +34,15 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
                if p.requires_grad or not trainable_only)
 
 
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """The exponential moving average of a model's weights, one step:
+    average <- decay * average + (1 - decay) * model, for every parameter and every floating-point
+    buffer (batch-norm statistics); a buffer that counts (batch-norm's batches seen) is copied."""
+    for mine, theirs in zip(average.state_dict().values(), model.state_dict().values()):
+        mine.lerp_(theirs, 1 - decay) if mine.is_floating_point() else mine.copy_(theirs)
+
+
 def rng_state() -> dict[str, Any]:
     """The state of every random generator a training loop uses."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}

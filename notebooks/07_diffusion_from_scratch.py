@@ -48,7 +48,7 @@ from helpers import data, metrics, plotting
 from helpers.diffusion import evaluate as ev
 from helpers.diffusion.data import (CAPTION_TEMPLATES, FASHION_WORDS, ClassLabels,
                                     load_sentence_encoder, stand_in_encoder_note, token_embeddings)
-from helpers.diffusion.train import DenoiserRun, Plan, RandomStream, train_autoencoder
+from helpers.diffusion.train import DenoiserPlan, DenoiserRun, RandomStream, train_autoencoder
 from helpers.environment import (data_dir, describe_device, gpu_choices, pick_device, run_dir,
                                  seed_everything, smoke_mode, use_drive_for_runs)
 from helpers.training import count_parameters, load_checkpoint, save_checkpoint, write_metrics
@@ -198,7 +198,11 @@ plt.show()
 # Its memory starts short and grows, so that the first random weights do not linger in it.
 # Training replaces the label by "no class" for one image in ten. The section on guidance explains why.
 
-# %% [helpers] diffusion/train: diffusion_loss, ema_update, train_step
+# %% [helpers] diffusion/train: diffusion_loss
+
+# %% [helpers] training: ema_update
+
+# %% [helpers] diffusion/train: denoiser_train_step
 
 # %% [helpers] diffusion/train: train_denoiser
 
@@ -209,12 +213,12 @@ plt.show()
 # %%
 classes = ClassLabels(10)
 pixel_model = Denoiser(1, PIXEL_WIDTHS, num_classes=10).to(DEVICE, memory_format=MEMORY)
-pixel_plan = Plan(PIXEL_STEPS, BATCH_SIZE, LR, P_UNCOND, EMA_DECAY)
+pixel_plan = DenoiserPlan(PIXEL_STEPS, BATCH_SIZE, LR, P_UNCOND, EMA_DECAY)
 pixel_run = DenoiserRun(pixel_model, pixel_plan, CHOICES)
 train_denoiser(pixel_run, schedule, train_images.to(DEVICE), train_labels, classes,
                RUN_DIR / "pixel", {"widths": PIXEL_WIDTHS, "space": "pixel"})
-print(f"pixel model: {count_parameters(pixel_model):,} parameters, {pixel_run.step:,} steps in "
-      f"{pixel_run.stopwatch.seconds:.0f} s")
+print(f"pixel model: {count_parameters(pixel_model):,} parameters, {pixel_run.record.step:,} steps "
+      f"in {pixel_run.record.stopwatch.seconds:.0f} s")
 
 # %% [markdown]
 # ## 5. Sampling: from noise back to an image
@@ -374,22 +378,23 @@ latent_shape = tuple(latents.shape[1:])
 def curve_fd(run: DenoiserRun) -> float:
     """FD of CURVE_SAMPLES guided DDIM samples of the EMA weights (the curve of section 9)."""
     labels = ev.balanced_labels(CURVE_SAMPLES)
-    images = ev.generate(run.ema, schedule, captions, labels, latent_shape, latent_ddim, guided_eps,
-                         DDIM_STEPS, GUIDANCE, DEVICE, CHOICES, SEED, decode)
+    images = ev.diffusion_samples(run.ema, schedule, captions, labels, latent_shape, latent_ddim,
+                                  guided_eps, DDIM_STEPS, GUIDANCE, DEVICE, CHOICES, SEED, decode)
     run.model.train()
     return score(images)["fd"]
 
 
-text_plan = Plan(LATENT_STEPS, BATCH_SIZE, LR, P_UNCOND, EMA_DECAY,
+text_plan = DenoiserPlan(LATENT_STEPS, BATCH_SIZE, LR, P_UNCOND, EMA_DECAY,
                  eval_every=max(1, LATENT_STEPS // CURVE_POINTS))
 text_run = DenoiserRun(text_model, text_plan, CHOICES)
 train_denoiser(text_run, schedule, latents.to(DEVICE), train_labels, captions,
                RUN_DIR / "latent_text", {"widths": LATENT_WIDTHS, "autoencoder_steps": AE_STEPS},
                curve_fd)
-print(f"latent text model: {text_run.step:,} steps in {text_run.stopwatch.seconds:.0f} s "
-      f"({text_run.stopwatch.throughput()['it_per_s']:.1f} steps/s)")
-plotting.plot_losses(text_run.history, ["loss/eps_mse"], "Latent text model: noise-prediction loss",
-                     RUN_DIR / "loss_latent_text.png")
+text_record = text_run.record             # its history, stopwatch and step
+print(f"latent text model: {text_record.step:,} steps in {text_record.stopwatch.seconds:.0f} s "
+      f"({text_record.stopwatch.throughput()['it_per_s']:.1f} steps/s)")
+plotting.plot_losses(text_record.history, ["loss/eps_mse"],
+                     "Latent text model: noise-prediction loss", RUN_DIR / "loss_latent_text.png")
 
 # %% [markdown]
 # Your prompts, four images each, with guidance $w$ = `GUIDANCE` and 20 DDIM steps. The model has only seen
@@ -452,7 +457,7 @@ def scored(name: str, make_images, labels: Tensor = labels_n, keep: bool = False
 
 
 def latent_images(steps: int, w: float, n: int = N_SAMPLES) -> Tensor:
-    return ev.generate(text_ema, schedule, captions, ev.balanced_labels(n), latent_shape,
+    return ev.diffusion_samples(text_ema, schedule, captions, ev.balanced_labels(n), latent_shape,
                        latent_ddim, guided_eps, steps, w, DEVICE, CHOICES, SEED + 1, decode)
 
 
@@ -465,7 +470,7 @@ for steps, w in [(s, GUIDANCE) for s in (10, 20, 50)] + [(DDIM_STEPS, w) for w i
            lambda: latent_images(steps, w, n), labels_c)
 PIXEL = f"pixel + class, DDIM {PIXEL_DDIM_STEPS}, w {GUIDANCE:g}, {n:,} images"
 pixel_sampler = lambda f, s, x, k: ddim_sample(f, s, x, k, clip=1.0)  # noqa: E731  x0 in [-1, 1]
-scored(PIXEL, lambda: ev.generate(pixel_ema, schedule, classes, labels_c, (1, 28, 28),
+scored(PIXEL, lambda: ev.diffusion_samples(pixel_ema, schedule, classes, labels_c, (1, 28, 28),
                                   pixel_sampler, guided_eps, PIXEL_DDIM_STEPS, GUIDANCE, DEVICE,
                                   CHOICES, SEED + 1), labels_c)
 gan, gan_caption = ev.gan_rows(RUN_DIR.parent, score)
@@ -501,13 +506,13 @@ plotting.show_grid(main_images[:100], f"{MAIN}: ten of each class", RUN_DIR / "s
 # `N_SAMPLES` images.
 
 # %%
-steps_logged, fds = text_run.history.series("quality/fd")
-_, seconds_logged = text_run.history.series("quality/train_seconds")
+steps_logged, fds = text_run.record.history.series("quality/fd")
+_, seconds_logged = text_run.record.history.series("quality/train_seconds")
 ae_seconds = ae_info["seconds"]
 main, pixel = board["rows"][MAIN], board["rows"][PIXEL]
 points = {f"{name}: final": (r["train_seconds"], r["fd"]) for name, r in gan.items()}
-points["latent + text: final"] = (ae_seconds + text_run.stopwatch.seconds, main["fd"])
-points[f"pixel + class: final, {n:,} images"] = (pixel_run.stopwatch.seconds, pixel["fd"])
+points["latent + text: final"] = (ae_seconds + text_run.record.stopwatch.seconds, main["fd"])
+points[f"pixel + class: final, {n:,} images"] = (pixel_run.record.stopwatch.seconds, pixel["fd"])
 curve = {"latent + text, during training": ([ae_seconds + s for s in seconds_logged], fds)}
 ev.plot_fd_against_seconds(curve, points, "FashionMNIST: FD against CPU training time",
                            RUN_DIR / "fd_against_seconds.png")
@@ -519,7 +524,7 @@ ev.plot_fd_against_seconds(curve, points, "FashionMNIST: FD against CPU training
 best_gan = gan["improved GAN recipe"]
 ddim = {k: board["rows"][f"latent + text, DDIM {k}, w {GUIDANCE:g}, {n:,} images"]["fd"]
         for k in (10, 20, 50)}
-train_seconds = ae_seconds + text_run.stopwatch.seconds + pixel_run.stopwatch.seconds
+train_seconds = ae_seconds + text_run.record.stopwatch.seconds + pixel_run.record.stopwatch.seconds
 goals = {
     f"FD {main['fd']:.2f} at most the improved GAN's {best_gan['fd']:.2f}":
         main["fd"] <= best_gan["fd"],
@@ -567,7 +572,8 @@ few_latents, few_labels = latents[:256].to(DEVICE), train_labels[:256]
 def tiny_run(steps: int, seed: int) -> DenoiserRun:
     torch.manual_seed(seed)
     model = Denoiser(4, LATENT_WIDTHS, context_dim=captions.dim).to(DEVICE, memory_format=MEMORY)
-    return DenoiserRun(model, Plan(steps, 16, LR, P_UNCOND, EMA_DECAY, checkpoint_every=5), CHOICES)
+    plan = DenoiserPlan(steps, 16, LR, P_UNCOND, EMA_DECAY, checkpoint_every=5)
+    return DenoiserRun(model, plan, CHOICES)
 
 
 straight = train_denoiser(tiny_run(10, SEED), schedule, few_latents, few_labels, captions,
@@ -579,8 +585,9 @@ resumed = train_denoiser(tiny_run(10, SEED + 99), schedule, few_latents, few_lab
 pairs = [(a, b) for net in ("model", "ema") for a, b in zip(
     getattr(straight, net).state_dict().values(), getattr(resumed, net).state_dict().values())]
 gap = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
-print(f"resumed at step 5, trained to step {resumed.step}: largest weight difference {gap:.1e}")
-assert resumed.step == 10 and gap <= (0 if DEVICE.type == "cpu" else 1e-5), gap
+print(f"resumed at step 5, trained to step {resumed.record.step}: "
+      f"largest weight difference {gap:.1e}")
+assert resumed.record.step == 10 and gap <= (0 if DEVICE.type == "cpu" else 1e-5), gap
 
 # %% [markdown]
 # ### metrics.json
@@ -593,10 +600,11 @@ quality = {"fd": main["fd"], "coverage_nats": main["coverage_nats"], "agreement"
            "fd_autoencoder_floor": ae_floor["fd"], "fd_real_vs_real": REAL_FLOOR,
            "classifier_accuracy": accuracy, "rows": board["rows"], "gan_rows": gan,
            "gan_rows_source": gan_caption}
-seconds = {"autoencoder": ae_seconds, "latent_text": text_run.stopwatch.seconds,
-           "pixel": pixel_run.stopwatch.seconds}
-path = write_metrics(RUN_DIR, NOTEBOOK, SMOKE, DEVICE, text_run.step + pixel_run.step + AE_STEPS,
-                     train_seconds, text_run.stopwatch.throughput(), quality, STAND_INS,
+seconds = {"autoencoder": ae_seconds, "latent_text": text_run.record.stopwatch.seconds,
+           "pixel": pixel_run.record.stopwatch.seconds}
+iterations = text_run.record.step + pixel_run.record.step + AE_STEPS
+path = write_metrics(RUN_DIR, NOTEBOOK, SMOKE, DEVICE, iterations,
+                     train_seconds, text_run.record.stopwatch.throughput(), quality, STAND_INS,
                      train_seconds_by_model=seconds, gpu_choices=CHOICES.describe())
 print(path.read_text()[:600])
 

@@ -51,11 +51,12 @@ from tqdm.auto import tqdm
 from helpers import data, metrics, plotting
 from helpers.environment import (data_dir, describe_device, gpu_choices, in_colab, pick_device,
                                  run_dir, seed_everything, smoke_mode, use_drive_for_runs)
-from helpers.mnist_gan import (IMAGE_PIXELS, IMAGE_SHAPE, GanRun, Plan, StepFn, batches,
-                               choose_step, generate, plot_fd_over_iterations, plot_loss_vs_fd,
-                               sample)
-from helpers.training import (History, count_parameters, load_checkpoint, save_checkpoint,
-                              time_per_step, write_metrics)
+from helpers.gan.cuda_graph import choose_step
+from helpers.gan.evaluate import gan_samples, plot_fd_over_iterations, plot_loss_vs_fd, sample
+from helpers.gan.model import IMAGE_PIXELS, IMAGE_SHAPE, StepFn
+from helpers.gan.train import GanPlan, batches
+from helpers.training import (History, TrainingRun, count_parameters, load_checkpoint,
+                              save_checkpoint, time_per_step, write_metrics)
 
 SMOKE = smoke_mode()                      # SMOKE=1 in the environment: tiny CI run, no downloads
 NOTEBOOK = "{{NOTEBOOK}}"
@@ -149,9 +150,9 @@ plotting.show_grid(train_images[:64], f"{DATASET}: 64 training images",
 # the image, narrows it through LeakyReLU(0.2) layers and ends in a sigmoid, so its output is a probability.
 # The two cells below are the model: edit them and re-run the notebook to train your own variant.
 
-# %% [helpers] mnist_gan: Generator
+# %% [helpers] gan/model: Generator
 
-# %% [helpers] mnist_gan: Discriminator
+# %% [helpers] gan/model: Discriminator
 
 # %%
 G = Generator(LATENT_DIM, G_HIDDEN).to(DEVICE)
@@ -204,7 +205,7 @@ score = metrics.SampleQuality(classifier, test_images, DEVICE)
 
 def quality(generator: nn.Module) -> dict[str, float]:
     """FD and coverage of QUALITY_SAMPLES samples of a fixed noise stream."""
-    return score(generate(generator, QUALITY_SAMPLES, DEVICE, seed=SEED + 1))
+    return score(gan_samples(generator, QUALITY_SAMPLES, DEVICE, seed=SEED + 1))
 
 
 real_floor = score.real_vs_real()
@@ -220,15 +221,15 @@ assert real_floor < noise_score["fd"], "noise must score worse than real images"
 # then the discriminator steps on the mean of its real and fake losses, with the fakes detached so that this step does
 # not change the generator. The loop draws the noise $z$ and hands it to the step.
 
-# %% [helpers] mnist_gan: train_step
+# %% [helpers] gan/model: gan_train_step
 
 # %% [markdown]
 # A **recipe** bundles what one way of training needs: the two networks, their optimizers, the step, the generator
 # that draws samples, and the settings that a checkpoint must match. The seed's recipe:
 
-# %% [helpers] mnist_gan: Recipe
+# %% [helpers] gan/model: Recipe
 
-# %% [helpers] mnist_gan: seed_recipe
+# %% [helpers] gan/model: seed_recipe
 
 # %% [markdown]
 # The loop, in three cells. `train_epoch` runs one epoch of steps; it keeps the losses on the device and reads them
@@ -240,18 +241,18 @@ assert real_floor < noise_score["fd"], "noise must score worse than real images"
 # set `RUN_DIR_ON_DRIVE = True` to keep runs across sessions.
 #
 # **On a GPU the loop takes a fast path.** This network is tiny: an eager step launches a few hundred small GPU
-# kernels, and Python's launching, not the GPU's arithmetic, sets the pace (a reviewer measured 143 iterations/s on an
-# H100 whose GPU work per step is 0.72 ms). `choose_step` therefore records the whole step once as a **CUDA graph**
-# and replays it with a single launch per iteration: the same kernels on the same weights, so the same updates (a
-# unit test compares 5 steps), with the batch and the noise copied into fixed input buffers first. On a CPU the
-# eager step runs. Mixed precision is not used: the arithmetic is not the bottleneck, and `BCELoss` on sigmoid
-# outputs is not autocast-safe.
+# kernels, and Python's launching, not the GPU's arithmetic, sets the pace (143 iterations/s on an H100 whose GPU
+# work per step is 0.72 ms: experiments/RESULTS.md, section 01/02). `choose_step` therefore records the whole step
+# once as a **CUDA graph** and replays it with a single launch per iteration: the same kernels on the same weights,
+# so the same updates (a unit test compares 5 steps), with the batch and the noise copied into fixed input buffers
+# first. On a CPU the eager step runs. Mixed precision is not used: the arithmetic is not the bottleneck, and
+# `BCELoss` on sigmoid outputs is not autocast-safe.
 
-# %% [helpers] mnist_gan: train_epoch
+# %% [helpers] gan/train: train_epoch
 
-# %% [helpers] mnist_gan: end_epoch
+# %% [helpers] gan/train: end_epoch
 
-# %% [helpers] mnist_gan: train_gan
+# %% [helpers] gan/train: train_gan
 
 # %%
 if in_colab():
@@ -259,9 +260,9 @@ if in_colab():
     %tensorboard --logdir {RUN_DIR}
 
 fixed_noise = torch.randn(64, LATENT_DIM, generator=torch.Generator().manual_seed(SEED)).to(DEVICE)
-PLAN = Plan(EPOCHS, ITERATIONS_PER_EPOCH, BATCH_SIZE, SEED, LOG_EVERY, SNAPSHOT_STEPS,
-            fixed_noise, quality, TIME_LIMIT_MIN * 60)
-runs: dict[str, GanRun] = {}
+PLAN = GanPlan(EPOCHS, ITERATIONS_PER_EPOCH, BATCH_SIZE, SEED, LOG_EVERY, SNAPSHOT_STEPS,
+               fixed_noise, quality, TIME_LIMIT_MIN * 60)
+runs: dict[str, TrainingRun] = {}
 
 
 def report(name: str) -> None:
@@ -274,7 +275,8 @@ def report(name: str) -> None:
 seed = seed_recipe(DEVICE, LATENT_DIM, G_HIDDEN, D_HIDDEN, LEARNING_RATE, BETAS)
 runs["seed"] = train_gan(seed, train_images, PLAN, RUN_DIR / "seed")
 report("seed")
-assert runs["seed"].epochs[-1]["fd"] < untrained["fd"], "training must beat the untrained G"
+last_epoch = runs["seed"].records["epochs"][-1]
+assert last_epoch["fd"] < untrained["fd"], "training must beat the untrained G"
 
 # %% [markdown]
 # ## 8. An improved recipe
@@ -289,7 +291,7 @@ assert runs["seed"].epochs[-1]["fd"] < untrained["fd"], "training must beat the 
 #   batch-norm statistics averaged the same way. G keeps circling around the game's equilibrium; the average sits
 #   nearer its centre. Training itself is unchanged: only the samples come from the average.
 #
-# **How they were chosen** (`tools/ablate_gan.py`: FashionMNIST, batch 64, one seed, the same batches for every
+# **How they were chosen** (`experiments/ablate_gan.py`: FashionMNIST, batch 64, one seed, the same batches for every
 # variant; FD of 2,000 samples as in section 6). Alone, at 4,000 iterations, Adam(0, 0.9) took the seed's FD from
 # 118 to 66; dropout 0.3 in D (84), the hinge loss (98), two learning rates (D 4·10⁻⁴, G 1·10⁻⁴: 99) and one-sided
 # label smoothing (100) helped less; spectral norm in D hurt (127). Combined, at 8,000 iterations:
@@ -308,9 +310,11 @@ assert runs["seed"].epochs[-1]["fd"] < untrained["fd"], "training must beat the 
 # 13.1, 14.9 with it against 7.7, 8.5, 11.1 without, at 6,000, 8,000 and 10,000 iterations). So the recipe keeps
 # two changes.
 
-# %% [helpers] mnist_gan: ema_update, improved_step
+# %% [helpers] training: ema_update
 
-# %% [helpers] mnist_gan: improved_recipe
+# %% [helpers] gan/model: improved_step
+
+# %% [helpers] gan/model: improved_recipe
 
 # %%
 new_improved_recipe = partial(improved_recipe, DEVICE, LATENT_DIM, G_HIDDEN, D_HIDDEN,
@@ -320,7 +324,8 @@ sizes = {"generator": count_parameters(improved.G), "discriminator": count_param
 assert sizes == n_params, f"the improved recipe keeps the seed's networks: {sizes} vs {n_params}"
 runs["improved"] = train_gan(improved, train_images, PLAN, RUN_DIR / "improved")
 report("improved")
-assert runs["improved"].epochs[-1]["fd"] < untrained["fd"], "training must beat the untrained G"
+last_epoch = runs["improved"].records["epochs"][-1]
+assert last_epoch["fd"] < untrained["fd"], "training must beat the untrained G"
 
 # %% [markdown]
 # ## 9. Results
@@ -373,7 +378,7 @@ rows, samples, grids = {}, {}, {}
 for label, path in CANDIDATES.items():
     fresh = Generator(LATENT_DIM, G_HIDDEN).to(DEVICE)
     info = load_checkpoint(path, {"G": fresh}, restore_rng=False)["extra"]
-    images = generate(fresh, N_SAMPLES, DEVICE, seed=SEED + 2)
+    images = gan_samples(fresh, N_SAMPLES, DEVICE, seed=SEED + 2)
     samples[label], grids[label] = metrics.model_output_to_uint8(images), images[:64]
     rows[label] = {"epoch": info["epoch"], "step": info["step"], "g_loss": info["g_loss"],
                    **score(images)}
@@ -391,13 +396,13 @@ print(f"Measured on {N_SAMPLES:,} samples each. Seed recipe: the lowest-G-loss e
       f"{by_fd['fd']:.2f}. Improved recipe: FD {best['fd']:.2f}, "
       f"{best['fd'] / by_fd['fd']:.0%} of the seed recipe's best; coverage "
       f"{best['coverage_nats']:.3f} vs {by_fd['coverage_nats']:.3f} nats.")
-seed_epochs = runs["seed"].epochs
+seed_epochs = runs["seed"].records["epochs"]
 skip = max(1, len(seed_epochs) // 10)  # a fairer reading of the seed: skip the first 10% of epochs
 if len(seed_epochs) > skip:
     late = min(seed_epochs[skip:], key=lambda e: e["g_loss"])
     print(f"Seed recipe, lowest G loss after the first {skip} epoch(s): epoch {late['epoch']}, "
           f"FD {late['fd']:.2f} on {QUALITY_SAMPLES:,} samples "
-          f"(the FD choice: {runs['seed'].best_by_quality['fd']:.2f}).")
+          f"(the FD choice: {runs['seed'].records['best_by_quality']['fd']:.2f}).")
 if runs["seed"].step >= 5_000:  # a claim about real training lengths, not CI's few iterations
     assert best["fd"] < by_fd["fd"], "the improved recipe must beat the seed recipe's best"
 
@@ -478,7 +483,7 @@ if not CHOICES.gpu_path:
 # %%
 generator = Generator(LATENT_DIM, G_HIDDEN).to(DEVICE)
 load_checkpoint(RUN_DIR / "improved" / "best_by_fd.pt", {"G": generator}, restore_rng=False)
-again = metrics.model_output_to_uint8(generate(generator, 64, DEVICE, seed=SEED + 2))
+again = metrics.model_output_to_uint8(gan_samples(generator, 64, DEVICE, seed=SEED + 2))
 assert np.array_equal(again, saved["images"][:64]), "the reloaded G must give the saved samples"
 z = torch.randn(64, LATENT_DIM, generator=torch.Generator().manual_seed(2024)).to(DEVICE)
 plotting.show_grid(sample(generator, z), f"{DATASET}: 64 new samples from the reloaded generator",
@@ -539,7 +544,7 @@ display(Markdown(f"""
 # * Remove one change of the improved recipe at a time (`IMPROVED_BETAS = BETAS`, or sample with `improved.G`
 #   instead of the average) and watch the FD curve move; try `EMA_DECAY = 0.999` on a long run.
 # * Try what section 8 rejected, in your own setting: dropout in D, the hinge loss, two learning rates, spectral
-#   norm, a minibatch-std feature. `python tools/ablate_gan.py --list` runs them from a checkout.
+#   norm, a minibatch-std feature. `python experiments/ablate_gan.py --list` runs them from a checkout.
 # * Replace the fully-connected networks by convolutional ones (DCGAN, Radford et al. 2016): the same loop trains them.
 # * Condition both networks on the class label (a conditional GAN) and check that the coverage reaches ln 10.
 # * Train longer: set `GAN_EPOCHS` and compare where each recipe's FD curve flattens.

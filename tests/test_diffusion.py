@@ -12,7 +12,7 @@ from helpers.diffusion.data import CaptionTable, ClassLabels
 from helpers.diffusion.model import AutoEncoder, CrossAttention, Denoiser, timestep_embedding
 from helpers.diffusion.sample import ddim_sample, ddim_timesteps, ddpm_sample, guided_eps
 from helpers.diffusion.schedule import NoiseSchedule, cosine_betas, linear_betas, predict_x0, q_sample
-from helpers.diffusion.train import DenoiserRun, Plan, train_denoiser
+from helpers.diffusion.train import DenoiserPlan, DenoiserRun, train_denoiser
 from helpers.environment import GpuChoices, T4_CAPABILITY
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -247,8 +247,8 @@ def test_caption_table_picks_captions_of_the_class_and_the_empty_caption_when_dr
 
 def tiny(steps, seed, choices=CPU):
     torch.manual_seed(seed)
-    return DenoiserRun(Denoiser(4, (16, 32), num_classes=10), Plan(steps, 8, 1e-3, 0.1, 0.9,
-                                                                   checkpoint_every=3), choices)
+    plan = DenoiserPlan(steps, 8, 1e-3, 0.1, 0.9, checkpoint_every=3)
+    return DenoiserRun(Denoiser(4, (16, 32), num_classes=10), plan, choices)
 
 
 def data():
@@ -268,7 +268,7 @@ def test_a_resumed_run_equals_a_straight_one_bit_for_bit(tmp_path, capsys):
     resumed = train_denoiser(tiny(6, 99), schedule, latents, labels, classes, tmp_path / "b", {})
     assert "resuming from" in capsys.readouterr().out
     assert all(torch.equal(a, b) for a, b in zip(weights(straight), weights(resumed)))
-    assert resumed.step == 6 and resumed.stopwatch.iterations == 6
+    assert resumed.record.step == 6 and resumed.record.stopwatch.iterations == 6
 
 
 def test_a_finished_run_is_reused_not_trained_again(tmp_path, capsys):
@@ -286,7 +286,7 @@ def test_the_t4_path_trains_under_fp16_autocast_with_an_enabled_grad_scaler(tmp_
     before = weights(run)
     train_denoiser(run, NoiseSchedule("cosine", 50), latents, labels, ClassLabels(10), tmp_path, {})
     assert run.scaler.is_enabled() and run.scaler.get_scale() > 0
-    _, losses = run.history.series("loss/eps_mse")
+    _, losses = run.record.history.series("loss/eps_mse")
     assert all(math.isfinite(v) for v in losses)
     assert any(not torch.equal(a, b) for a, b in zip(before, weights(run)))
 
@@ -301,13 +301,13 @@ def test_the_checkpoint_refuses_another_schedule(tmp_path):
 # --- sampling many images and scoring them -----------------------------------------------------------------
 
 
-def test_generate_gives_balanced_finite_images_and_agreement_counts_the_asked_class():
+def test_diffusion_samples_are_balanced_finite_images_and_agreement_counts_the_asked_class():
     torch.manual_seed(0)
     model = perturbed(Denoiser(1, (16, 32), num_classes=10))
     labels = ev.balanced_labels(30)
     assert torch.bincount(labels).tolist() == [3] * 10
-    images = ev.generate(model, NoiseSchedule("cosine", 20), ClassLabels(10), labels, (1, 28, 28),
-                         ddim_sample, guided_eps, 5, 1.5, torch.device("cpu"), CPU, seed=0, batch=16)
+    images = ev.diffusion_samples(model, NoiseSchedule("cosine", 20), ClassLabels(10), labels, (1, 28, 28),
+                                  ddim_sample, guided_eps, 5, 1.5, torch.device("cpu"), CPU, seed=0, batch=16)
     assert images.shape == (30, 1, 28, 28) and torch.isfinite(images).all()
     assert images.min() >= -1 and images.max() <= 1
     classifier = metrics.MnistClassifier().eval()
@@ -348,7 +348,7 @@ def test_the_weight_average_warms_up_so_a_short_run_does_not_sample_its_initial_
     (0.999^300) and the samples are noise. The warm-up min(decay, (1 + step) / (10 + step)) forgets them."""
     latents, labels = data()
     run = tiny(30, 0)
-    run = DenoiserRun(run.model, Plan(30, 8, 1e-2, 0.1, 0.999, checkpoint_every=30), CPU)
+    run = DenoiserRun(run.model, DenoiserPlan(30, 8, 1e-2, 0.1, 0.999, checkpoint_every=30), CPU)
     initial = [p.clone() for p in run.ema.parameters()]
     train_denoiser(run, NoiseSchedule("cosine", 50), latents, labels, ClassLabels(10), tmp_path, {})
     to_model = sum(float((e - p).norm()) for e, p in zip(run.ema.parameters(), run.model.parameters()))

@@ -15,12 +15,12 @@ def test_imports_of_a_family_package_are_resolved_to_its_files():
 
 
 def test_a_notebook_embeds_the_family_modules_it_imports_and_theirs_in_turn():
-    files = build_tool.embedded_modules(["from helpers.diffusion.train import Plan"])
+    files = build_tool.embedded_modules(["from helpers.diffusion.train import DenoiserPlan"])
     assert files[0] == "__init__.py"
     for needed in ("diffusion/__init__.py", "diffusion/train.py", "diffusion/schedule.py", "training.py",
                    "environment.py"):
         assert needed in files, (needed, files)
-    assert "diffusion/evaluate.py" not in files and "mnist_gan.py" not in files
+    assert "diffusion/evaluate.py" not in files and "gan/model.py" not in files
 
 
 def test_taught_cells_of_a_family_module_name_it_and_fit_a_colab_line():

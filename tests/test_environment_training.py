@@ -14,7 +14,7 @@ from torch import nn
 from helpers import environment
 from helpers.environment import describe_device, gpu_choices, pick_device, run_dir, seed_everything, smoke_mode, use_drive_for_runs
 from helpers.training import (CHECKPOINT_FORMAT, CheckpointMismatchError, History, Stopwatch, TrainingRun,
-                              load_checkpoint, save_checkpoint, time_per_step, write_metrics)
+                              ema_update, load_checkpoint, save_checkpoint, time_per_step, write_metrics)
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("0", False), ("", False)])
@@ -189,6 +189,36 @@ def test_training_run_resumes_from_a_checkpoint_with_every_field_and_its_own_wri
     assert resumed.history.series("loss") == ([7], [0.25]) and resumed.history.writer is not None
     assert resumed.stopwatch.state_dict() == {"seconds": 1.5, "iterations": 7, "images": 448}
     assert torch.equal(resumed.snapshots[7], torch.arange(6.0).view(1, 2, 3))
+
+
+def test_ema_update_by_hand():
+    average, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        average.weight.fill_(1.0), model.weight.fill_(3.0), model.running_mean.fill_(5.0)
+    model.num_batches_tracked.fill_(7)
+    ema_update(average, model, decay=0.9)
+    assert torch.allclose(average.weight, torch.full((2,), 1.2))  # 0.9 * 1 + 0.1 * 3
+    assert torch.allclose(average.running_mean, torch.full((2,), 0.5))  # 0.9 * 0 + 0.1 * 5
+    assert average.num_batches_tracked.item() == 7  # a count: copied
+
+
+def test_ema_update_follows_the_formula_for_every_weight_and_statistic_and_leaves_the_model_alone():
+    """average <- decay * average + (1 - decay) * model with decay 0.75, worked out by hand. The values are
+    sums of powers of two, so the results are exact in float32."""
+    average, model = (nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1)) for _ in range(2))
+    with torch.no_grad():
+        average[0].weight.copy_(torch.tensor([[1.0, -2.0]])), average[0].bias.fill_(4.0)
+        model[0].weight.copy_(torch.tensor([[5.0, 2.0]])), model[0].bias.fill_(0.0)
+        model[1].running_mean.fill_(8.0), model[1].running_var.fill_(3.0)  # the average's: 0 and 1
+    model[1].num_batches_tracked.fill_(12)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema_update(average, model, decay=0.75)
+    assert average[0].weight.tolist() == [[2.0, -1.0]]  # 0.75 * 1 + 0.25 * 5, 0.75 * -2 + 0.25 * 2
+    assert average[0].bias.tolist() == [3.0]  # 0.75 * 4 + 0.25 * 0
+    assert average[1].running_mean.tolist() == [2.0]  # 0.75 * 0 + 0.25 * 8
+    assert average[1].running_var.tolist() == [1.5]  # 0.75 * 1 + 0.25 * 3
+    assert average[1].num_batches_tracked.item() == 12  # a count is copied, not averaged
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_a_checkpoint_of_the_previous_format_is_refused_with_what_to_do(tmp_path):

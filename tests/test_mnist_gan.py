@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from helpers.losses import bce_discriminator_loss, bce_generator_loss
-from helpers.mnist_gan import (Discriminator, Generator, Plan, Recipe,
-                               batches, choose_step, ema_update, generate, graphed_step, improved_recipe, seed_recipe,
-                               set_capturable, train_gan, train_step, undone)
+from helpers.gan.cuda_graph import choose_step, graphed_step, set_capturable, undone
+from helpers.gan.evaluate import gan_samples
+from helpers.gan.model import Discriminator, Generator, Recipe, gan_train_step, improved_recipe, seed_recipe
+from helpers.gan.train import GanPlan, batches, train_gan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,17 +29,6 @@ def test_generator_parameter_count_by_hand():
 def test_discriminator_parameter_count_by_hand():
     # Linear 784->512: 401,920 ; 512->256: 131,328 ; 256->1: 257 ; total 533,505
     assert count(Discriminator()) == 533_505
-
-
-def test_ema_update_by_hand():
-    average, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
-    with torch.no_grad():
-        average.weight.fill_(1.0), model.weight.fill_(3.0), model.running_mean.fill_(5.0)
-    model.num_batches_tracked.fill_(7)
-    ema_update(average, model, decay=0.9)
-    assert torch.allclose(average.weight, torch.full((2,), 1.2))  # 0.9 * 1 + 0.1 * 3
-    assert torch.allclose(average.running_mean, torch.full((2,), 0.5))  # 0.9 * 0 + 0.1 * 5
-    assert average.num_batches_tracked.item() == 7  # a count: copied
 
 
 def test_improved_step_trains_g_and_d_and_moves_the_average_towards_g():
@@ -72,10 +62,10 @@ def test_shapes_and_a_saturated_discriminator_gives_finite_losses_and_gradients(
     assert all(torch.isfinite(p.grad).all() for p in D.parameters() if p.grad is not None)
 
 
-def test_generate_is_repeatable_for_a_seed():
-    G = Generator(8)
-    assert torch.equal(generate(G, 10, torch.device("cpu"), seed=3), generate(G, 10, torch.device("cpu"), seed=3))
-    assert not torch.equal(generate(G, 10, torch.device("cpu"), seed=3), generate(G, 10, torch.device("cpu"), seed=4))
+def test_gan_samples_are_repeatable_for_a_seed():
+    G, cpu = Generator(8), torch.device("cpu")
+    assert torch.equal(gan_samples(G, 10, cpu, seed=3), gan_samples(G, 10, cpu, seed=3))
+    assert not torch.equal(gan_samples(G, 10, cpu, seed=3), gan_samples(G, 10, cpu, seed=4))
 
 
 def test_batches_pass_over_the_data_in_a_new_order_each_time():
@@ -99,7 +89,7 @@ def test_training_moves_the_generator_towards_the_data():
     start = (G.eval()(torch.randn(64, 8)).mean() - 0.8).abs().item()
     G.train()
     for _ in range(150):
-        out = train_step(G, D, opt_g, opt_d, real, torch.randn(32, 8))
+        out = gan_train_step(G, D, opt_g, opt_d, real, torch.randn(32, 8))
     end = (G.eval()(torch.randn(64, 8)).mean() - 0.8).abs().item()
     assert end < 0.5 * start, (start, end)
     assert set(out) == {"loss/generator", "loss/discriminator", "D(x)/real", "D(x)/fake"}
@@ -115,9 +105,9 @@ def tiny_recipe() -> Recipe:
     return seed_recipe(torch.device("cpu"), 8, (16, 32), (16,), lr=2e-3)
 
 
-def tiny_plan(epochs: int) -> Plan:
+def tiny_plan(epochs: int) -> GanPlan:
     quality = lambda G: {"fd": float(G(torch.ones(2, 8)).mean()), "coverage_nats": 0.0}  # noqa: E731
-    return Plan(epochs, 3, 32, 0, 2, (4,), torch.zeros(4, 8), quality)
+    return GanPlan(epochs, 3, 32, 0, 2, (4,), torch.zeros(4, 8), quality)
 
 
 def weights(recipe: Recipe) -> list[torch.Tensor]:
@@ -138,7 +128,8 @@ def test_an_interrupted_run_resumed_in_a_fresh_session_equals_a_straight_run(tmp
 
     assert resumed_run.step == straight_run.step == 9 and resumed_run.epoch == 3
     assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(straight)))
-    assert [e["g_loss"] for e in resumed_run.epochs] == [e["g_loss"] for e in straight_run.epochs]
+    g_losses = [[e["g_loss"] for e in run.records["epochs"]] for run in (resumed_run, straight_run)]
+    assert g_losses[0] == g_losses[1]
     assert resumed_run.history.series("loss/generator") == straight_run.history.series("loss/generator")
     assert sorted(resumed_run.snapshots) == [4, 9]
 
@@ -150,7 +141,7 @@ def test_undone_restores_weights_and_optimizer_state_so_later_steps_equal_a_fres
     torch.manual_seed(0)
     recipe = tiny_recipe()
     twin = copy.deepcopy(recipe)  # same weights, optimizers without state
-    twin.step = partial(train_step, twin.G, twin.D, twin.opt_g, twin.opt_d)
+    twin.step = partial(gan_train_step, twin.G, twin.D, twin.opt_g, twin.opt_d)
     real, z = IMAGES[:32], torch.randn(32, 8)
     with undone(recipe):  # what graphed_step does with its warm-up steps
         for _ in range(3):
@@ -220,3 +211,18 @@ def test_choose_step_takes_the_graphed_path_under_t4_emulation_and_says_the_grap
     assert step != recipe.step and step.__qualname__.startswith("graphed_step")
     out = capsys.readouterr().out
     assert "EMULATE_T4:" in out and "CUDA graph" in out and "skipped on cpu" in out
+
+
+def test_the_ablation_trains_its_variants_with_the_family_modules_and_scores_on_schedule(capsys):
+    import ablate_gan  # experiments/ablate_gan.py
+
+    from helpers import metrics
+
+    recipe, averages = ablate_gan.variant_recipe("dropout+ttur+hinge+mbstd")
+    assert isinstance(recipe, Recipe) and isinstance(recipe.G, Generator) and set(averages) == set(ablate_gan.AVERAGES)
+    score = metrics.SampleQuality(metrics.MnistClassifier().eval(), IMAGES[:40], torch.device("cpu"))
+    rows = ablate_gan.run("adam09", torch.rand(128, 1, 28, 28) * 2 - 1, score, iterations=5, every=3,
+                          samples=50)
+    assert [row["step"] for row in rows] == [3, 5]  # every 3 iterations, and at the end
+    assert all(set(row) == {"step", "it_per_s", "G", *ablate_gan.AVERAGES} for row in rows)
+    assert capsys.readouterr().out.count("adam09 {") == 2

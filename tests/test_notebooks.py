@@ -92,7 +92,7 @@ def test_embedding_round_trips_and_the_setup_cell_unpacks_it(tmp_path, run_setup
 def test_build_refuses_a_taught_cell_that_uses_a_name_never_imported(tmp_path, monkeypatch):
     source = tmp_path / "x.py"
     source.write_text("# %% [markdown]\n# # 99 · X\n\n# %% SETUP\n\n# %%\nimport torch\n\n"
-                      "# %% [helpers] mnist_gan: Discriminator\n")
+                      "# %% [helpers] gan/model: Discriminator\n")
     monkeypatch.setattr(build_tool, "NOTEBOOKS", tmp_path)
     with pytest.raises(build_tool.BuildError, match="uses IMAGE_PIXELS, Sequence, Tensor, nn, which no earlier"):
         build_tool.build("99_x", {"source": "x.py"})

