@@ -1,7 +1,10 @@
-"""`make bench`: time each notebook's training step on this machine, the plain baseline beside the fast path.
+"""The runner of the experiments. `make bench` times each notebook's training step on this machine, the plain
+baseline beside the fast path; `ablate` runs an ablation behind a notebook's improved recipe.
 
     python experiments/bench.py              # every notebook that has a case (experiments/bench_*.py)
     python experiments/bench.py gan style    # some of them
+    python experiments/bench.py ablate gan --list      # experiments/ablate_gan.py (01/02), its own arguments after
+    python experiments/bench.py ablate t2i --help      # experiments/ablate_t2i.py (04)
 
 Each case module `experiments/bench_<name>.py` has `run(device, reduced) -> list[dict]`: one row per variant, each row
 {"notebook", "variant", "baseline": bool, "config": {...}, "ms_per_step", "it_per_s", "peak_memory_mb",
@@ -51,8 +54,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ABLATIONS = ("gan", "t2i")  # experiments/ablate_<name>.py, each with main(argv)
+
+
 def main(names: list[str]) -> int:
-    """Run the cases, print the table, write runs/bench.json."""
+    """Run the cases, print the table, write runs/bench.json; or `ablate NAME ARGS...`."""
+    if names[:1] == ["ablate"]:
+        if len(names) < 2 or names[1] not in ABLATIONS:
+            print(f"ablate needs one of {list(ABLATIONS)}, then that ablation's own arguments")
+            return 2
+        return importlib.import_module(f"ablate_{names[1]}").main(names[2:]) or 0
     unknown = [n for n in names if n not in CASES]
     if unknown:
         print(f"unknown case(s) {unknown}; choose from {list(CASES)}")

@@ -485,7 +485,7 @@ print(f"{run.stopwatch.iterations:,} iterations, {run.stopwatch.seconds:.1f} s o
 # | improved | **87.5 ± 2.3 %** / **83.6 ± 1.4 %** | 1.3 % / 4.5 % | 0.125 ± 0.004 | 4.0 min |
 #
 # The improved recipe keeps the paper's GAN-CLS loss, networks and optimiser and changes one thing at a time.
-# `experiments/t2i_ablation.py` trains each step of the way on this shapes set for the same 6,000 iterations and
+# `experiments/ablate_t2i.py` trains each step of the way on this shapes set for the same 6,000 iterations and
 # scores it as above (its own classifier and evaluation images, so its numbers differ a little from this notebook's):
 #
 # | variant | all four right, seen | unseen | shuffled (seen) | spread across noise (real: 0.144) |

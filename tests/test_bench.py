@@ -21,3 +21,13 @@ def test_t2i_case_times_the_notebooks_cpu_step():
     rows = bench_t2i.run(torch.device("cpu"), reduced=True)
     assert len(rows) == 1 and rows[0]["baseline"] and rows[0]["ms_per_step"] > 0
     assert rows[0]["config"]["size"] == 32 and "CUDA-only" in rows[0]["note"]
+
+
+def test_the_runner_passes_an_ablation_its_own_arguments_and_refuses_an_unknown_one(capsys, monkeypatch):
+    import ablate_t2i
+
+    seen = []
+    monkeypatch.setattr(ablate_t2i, "main", lambda argv: seen.append(argv) or 0)
+    assert bench.main(["ablate", "t2i", "paper", "--iterations", "10"]) == 0
+    assert seen == [["paper", "--iterations", "10"]]
+    assert bench.main(["ablate", "nope"]) == 2 and "one of ['gan', 't2i']" in capsys.readouterr().out

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.data import (DataDirError, check_raw_files, load_mnist_like, prepare_mnist_5k, stand_in_note,
-                          write_idx)
+from helpers.data import DataDirError, check_raw_files, load_mnist_like, stand_in_note
+from prepare_data import prepare_mnist_5k, write_idx  # tools/prepare_data.py
 from helpers.metrics import (class_coverage, frechet_distance, frechet_distance_from_stats, model_output_to_uint8,
                              uint8_to_model_input)
 

@@ -1,4 +1,4 @@
-"""experiments/t2i_ablation.py: each variant is built from helpers.t2i and trained by its loop; the improved row is
+"""experiments/ablate_t2i.py: each variant is built from helpers.t2i and trained by its loop; the improved row is
 the notebook's improved recipe on the shapes set."""
 import ast
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import t2i_ablation as ablation
+import ablate_t2i as ablation
 from helpers.t2i.shapes import all_combinations, make_shapes
 from helpers.t2i.train import TextToImageRecipe
 

@@ -27,4 +27,4 @@ rm -f "$log"
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || apt_install dataset-fashion-mnist
 export DATA_DIR=${DATA_DIR:-$PWD/data}
 [ -f "$DATA_DIR/MNIST/STAND_IN.json" ] && [ -f "$DATA_DIR/FashionMNIST/raw/t10k-labels-idx1-ubyte" ] \
-  || "$VENV/bin/python" -m helpers.data prepare-offline "$DATA_DIR"
+  || "$VENV/bin/python" tools/prepare_data.py "$DATA_DIR"

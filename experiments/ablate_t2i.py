@@ -2,8 +2,8 @@
 notebook (caption accuracy on seen and unseen combinations with the shuffled control, spread across noise), means
 and standard deviations over three noise seeds.
 
-    OMP_NUM_THREADS=2 .venv/bin/python experiments/t2i_ablation.py                  # every variant, 6,000 iterations
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/t2i_ablation.py paper "improved (+ packing 2)" --iterations 1000
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/ablate_t2i.py                  # every variant, 6,000 iterations
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/ablate_t2i.py paper "improved (+ packing 2)" --iterations 1000
 
 Needs the MiniLM text encoder offline ($T2I_TEXT_ENCODER, as the notebook) or online. Appends one record per
 variant to runs/t2i_ablation.json (or --out) and prints a markdown table of all its records.
@@ -125,14 +125,14 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Train and score the variants named on the command line (default: all)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--iterations", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "t2i_ablation.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
