@@ -26,7 +26,7 @@ def test_a_notebook_embeds_the_family_modules_it_imports_and_theirs_in_turn():
 def test_taught_cells_of_a_family_module_name_it_and_fit_a_colab_line():
     code = build_tool.taught_cell("diffusion/schedule: q_sample")
     header = code.splitlines()[0]
-    assert header.startswith("# Same code as helpers/diffusion/schedule.py ") and len(header) <= build_tool.MAX_LINE
+    assert header.startswith("# Also in helpers/diffusion/schedule.py: ") and len(header) <= build_tool.MAX_LINE
     assert build_tool.parse_taught_cell(code)[0] == "diffusion/schedule"
     assert "def q_sample(" in code
 

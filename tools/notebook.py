@@ -45,9 +45,9 @@ REPOSITORY = "genimg-notebooks/genimg-notebooks"
 BRANCH = "main"
 
 MAX_LINE = 100  # code lines; Colab scrolls longer ones sideways instead of wrapping them
-TAUGHT_HEADER = "# Same code as helpers/{module}.py (a test keeps them equal): edit and re-run to use your version."
-SHORT_HEADER = "# Same code as helpers/{module}.py (a test keeps them equal): edit it and re-run."  # longer paths
-TAUGHT_PATTERN = re.compile(r"^# Same code as helpers/([\w/]+)\.py ")
+TAUGHT_HEADER = "# Also in helpers/{module}.py: edit this cell and re-run it to try your own version."
+SHORT_HEADER = "# Also in helpers/{module}.py: edit this cell and re-run it."  # longer paths
+TAUGHT_PATTERN = re.compile(r"^# Also in helpers/([\w/]+)\.py: ")
 MARKER = re.compile(r"^# %%(?: (?P<setup>SETUP)| \[(?P<kind>markdown|helpers)\](?P<arg>.*))?\s*$")
 IPYTHON_NAMES = {"display", "get_ipython", "In", "Out"}
 
@@ -285,8 +285,9 @@ def build(name: str, entry: dict | None = None) -> nbformat.NotebookNode:
         except SyntaxError as err:
             raise BuildError(f"{where}: {err}") from err
         cell = nbformat.v4.new_code_cell(code)
-        if kind == "setup":
+        if kind == "setup" or code.startswith("#@title"):  # Colab shows a form: the code stays collapsed
             cell.metadata["cellView"] = "form"
+            cell.metadata["jupyter"] = {"source_hidden": True}
         cells.append(cell)
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
