@@ -34,9 +34,8 @@ from helpers.vgg import STAND_IN_NOTE, VGG19Features
 # %% [markdown]
 # ## 1. Settings
 # * `RUN_DIR_ON_DRIVE`: in Colab, keep the run on Google Drive. A new session then resumes it.
-# * `SEED`: the random seed. The same seed gives the same white-noise start.
-# * `PAINTING`: the style. The choices are `"starry_night"`, `"great_wave"`, `"the_scream"` and the others of
-#   `PAINTINGS`. All are public domain and come from Wikimedia Commons.
+# * `SEED`: the random seed of the white-noise start.
+# * `PAINTING`: the style, such as `"great_wave"`. `PAINTINGS` lists the public-domain paintings you can pick.
 # * `CONTENT_IMAGE`, `STYLE_IMAGE`: your own pictures, as a file path, a web address or `skimage:NAME`. An
 #   empty `STYLE_IMAGE` means the painting above.
 # * `IMAGE_SIZE`: the longer side of the images in pixels.
@@ -146,14 +145,13 @@ print("GPU path:", CHOICES.describe(), "| VGG in float32" if VGG_AUTOCAST is Non
 # noise. The ratio $\alpha/\beta$ sets the balance between the photo and the painting.
 #
 # In the code, the layers have torchvision's names: `relu4_2` is the paper's conv4_2, and `relu1_1` ...
-# `relu5_1` are its style layers. After each step, the pixels are clamped to $[0, 1]$, so VGG always sees an image.
+# `relu5_1` are its style layers.
 
 # %% [markdown]
 # ## 3. Data: the photo and the painting
-# Each painting is downloaded once into `DATA_DIR/paintings` and reused after that. If Wikimedia's first
-# address fails, a smaller copy of the same file is tried. A painting of the gallery in section 8 that still
-# fails is left out with a message. The main painting must load. Smoke mode downloads nothing and uses
-# scikit-image pictures as *stand-ins*, pictures that take the painting's place.
+# Each painting is downloaded once into `DATA_DIR/paintings`. A gallery painting that fails to download is
+# left out with a message. Smoke mode downloads nothing and uses scikit-image pictures as *stand-ins*, pictures
+# that take the paintings' place.
 
 # %%
 def painting_source(key: str) -> str:
@@ -178,9 +176,9 @@ for note in STAND_INS:
     print("STAND-IN:", note)
 
 # %% [markdown]
-# `load_image` reads a file, a web address or `skimage:NAME`. It turns grayscale and transparent images into
-# RGB colour images. It resizes the longer side to `IMAGE_SIZE` and keeps the aspect ratio. A bad input gets an
-# error that names the input and says what to do. Section 10 shows five of them.
+# `load_image` reads a file, a web address or `skimage:NAME`. It turns any image into RGB colour. It resizes
+# the longer side to `IMAGE_SIZE` and keeps the aspect ratio. A bad input gets an error that names the input
+# and says what to do. Section 10 shows five of them.
 
 # %%
 content = sdata.load_image(CONTENT_IMAGE, IMAGE_SIZE, "content image", DEVICE)
@@ -199,8 +197,7 @@ plotting.show_panels({f"content: {sdata.describe_source(CONTENT_IMAGE)}": conten
 
 # %% [markdown]
 # ## 4. Model: a frozen VGG19 feature extractor
-# Only the layers up to relu5_1 are built, and all of them are frozen. Nothing after the last layer that a loss
-# reads is computed. The only trainable parameters in this notebook are the pixels of the image being stylised.
+# Only the layers up to relu5_1 are built, and all of them are frozen. The only trainable parameters in this notebook are the pixels of the image being stylised.
 
 # %%
 env.seed_everything(SEED)  # the random-weight stand-in is rebuilt identically for the reload check
@@ -255,23 +252,6 @@ assert math.isclose(tv_example, 9.0, rel_tol=1e-6)
 print("hand-computed values: E = 13.9375, content = 7.5, TV = 9.0: all reproduced")
 
 # %% [markdown]
-# **A Gram matrix forgets where features are.** Shuffling, flipping or rotating the positions of a feature map
-# leaves $G = FF^\top/M$ unchanged. A permutation $\Pi$ of the positions gives $F\Pi\Pi^\top F^\top = FF^\top$.
-# So spatial transforms of the style features give *no* new style targets. Different stylisations must come
-# from somewhere else: from the channels, as DFP does in section 9, or from the random start.
-
-# %%
-f = dict(zip(vgg.layers, vgg(style_image)))["relu3_1"]
-shuffled = f.flatten(2)[..., torch.randperm(f.shape[-2] * f.shape[-1], device=DEVICE)].view_as(f)
-for name, moved in [("shuffle", shuffled), ("flip", f.flip(-1)), ("rotate", f.rot90(1, (-2, -1)))]:
-    change = (gram_matrix(moved) - gram_matrix(f)).abs().max() / gram_matrix(f).abs().max()
-    print(f"{name:9s}: largest Gram change {change:.1e} of the largest entry")
-    assert change < 1e-4
-shuffled_content = content_loss(shuffled, f) / f.square().mean()
-print(f"content loss of the shuffled map: {float(shuffled_content):.2f} of its energy (not zero)")
-assert shuffled_content > 0.1
-
-# %% [markdown]
 # ## 6. The objective: content, style and TV in relative units
 # The paper's ratio $\alpha/\beta = 10^{-3}$ only holds for the paper's own network. Torchvision's VGG19 has
 # other feature scales. So we divide each loss by its value for an all-zero feature map, which is
@@ -282,10 +262,8 @@ assert shuffled_content > 0.1
 # + \beta \sum_l w_l \frac{E_l}{\frac14 \overline{A_l^2}} + \tau\,\mathrm{TV}.$$
 # The defaults $\alpha = 1$ and $\beta = 400$ are a starting point, not a tuned optimum.
 #
-# `StyleObjective` computes the targets once: the content's features and the style's Gram matrices. VGG may
-# run in *mixed precision*, with 16-bit numbers, on a GPU. The feature maps go back to 32-bit floats before any
-# loss, because the Gram sums and L-BFGS need the precision. The optional `feature_targets` term is for DFP in
-# section 9.
+# `StyleObjective` computes the targets once: the content's features and the style's Gram matrices. The
+# optional `feature_targets` term is for DFP in section 9.
 
 # %% [helpers] style/model: energy, features_by_name, relative_feature_loss
 
@@ -329,11 +307,12 @@ assert all(math.isclose(float(v), 0.75**2 * lw, rel_tol=1e-4)
 # **L-BFGS** remembers the last 100 steps $s_k = x_{k+1} - x_k$ and the gradient changes
 # $y_k = \nabla_{k+1} - \nabla_k$. From them it estimates how the loss curves, and it takes the step $-H\nabla$.
 # Here $H$ estimates the inverse of the Hessian, the matrix of second derivatives. So L-BFGS takes Newton-like
-# steps without ever computing a Hessian.
+# steps without a Hessian.
 #
 # The losses stay on the device as tensors. Reading one, for example to print it, makes the computer wait for
-# the GPU. So the loop reads them only every `LOG_EVERY` iterations. `torch.optim.LBFGS` reads about 200 numbers
-# per iteration. `SyncFreeLBFGS` takes the same steps without reading any, and `OPTIMIZER = "lbfgs"` picks it.
+# the GPU. So the loop reads them only every `LOG_EVERY` iterations. `torch.optim.LBFGS` reads numbers in every
+# iteration, about 200 once its memory is full. `SyncFreeLBFGS` takes the same steps without reading any, and
+# `OPTIMIZER = "lbfgs"` picks it.
 
 # %% [helpers] style/optim: StylisedImage, optimisation_step
 
@@ -394,8 +373,8 @@ print(f"first session: {main_run.stopwatch.iterations} iterations; checkpoint {C
       f"{CHECKPOINT.stat().st_size / 2**20:.1f} MiB")
 
 # %% [markdown]
-# *Colab disconnected*: the image, the optimiser and the history are gone. Running the same function again finds
-# the checkpoint. It continues from iteration `FIRST_SESSION_STEPS`, with L-BFGS's memory.
+# *Colab disconnected*: everything in memory is gone. The same function finds the checkpoint and continues,
+# with L-BFGS's memory.
 
 # %%
 del image, main_run
@@ -566,9 +545,26 @@ if gallery:
 # %% [markdown]
 # ## 9. Many stylisations from one painting: deep feature perturbation (DFP, Wang et al. 2020)
 # Plain Gatys runs that differ only in their random start end in nearly the same picture. That is the baseline
-# to beat. Spatial transforms of the style features do not help either, since Gram matrices ignore *where*
-# features are (section 5). DFP gets truly different stylisations from ONE style image. It changes the style
-# features in channel space, inside the *whitening and colouring transform* (WCT, Li et al. 2017).
+# to beat.
+#
+# **Why not move the style features around?** A Gram matrix forgets where features are. Shuffling, flipping
+# or rotating the positions of a feature map leaves $G = FF^\top/M$ unchanged. A permutation $\Pi$ of the positions gives $F\Pi\Pi^\top F^\top = FF^\top$.
+# So spatial transforms of the style features give *no* new style targets.
+
+# %%
+f = dict(zip(vgg.layers, vgg(style_image)))["relu3_1"]
+shuffled = f.flatten(2)[..., torch.randperm(f.shape[-2] * f.shape[-1], device=DEVICE)].view_as(f)
+for name, moved in [("shuffle", shuffled), ("flip", f.flip(-1)), ("rotate", f.rot90(1, (-2, -1)))]:
+    change = (gram_matrix(moved) - gram_matrix(f)).abs().max() / gram_matrix(f).abs().max()
+    print(f"{name:9s}: largest Gram change {change:.1e} of the largest entry")
+    assert change < 1e-4
+shuffled_content = content_loss(shuffled, f) / f.square().mean()
+print(f"content loss of the shuffled map: {float(shuffled_content):.2f} of its energy (not zero)")
+assert shuffled_content > 0.1
+
+# %% [markdown]
+# DFP gets truly different stylisations from ONE style image. It changes the style features in channel space,
+# inside the *whitening and colouring transform* (WCT, Li et al. 2017).
 #
 # Take one layer, with content features $f_c$ and style features $f_s$, both $N \times M$. Let $m_c, m_s$ be their
 # means and $E_c D_c E_c^\top$, $E_s D_s E_s^\top$ the eigen-decompositions of their covariances. Whitening
@@ -729,7 +725,7 @@ for bad_source, size in [("my_photo.jpg", IMAGE_SIZE), (not_an_image, IMAGE_SIZE
 # %% [markdown]
 # ### Speed: the two L-BFGS versions side by side
 # The same objective, image size and number of iterations, first with `torch.optim.LBFGS`, then with
-# `SyncFreeLBFGS`. On the GPU path VGG also runs in mixed precision: float16 on a T4, bfloat16 on newer GPUs.
+# `SyncFreeLBFGS`. On a GPU, VGG also runs in mixed precision, with 16-bit numbers.
 # `time_per_step` first fills the L-BFGS memory with `TIMING_WARMUP` iterations, since its length sets the cost
 # of an iteration. Then it times `TIMING_ITERATIONS` iterations. Each version's final loss is measured in
 # float32. A CPU never waits for a GPU, so there both versions should take about the same time.
@@ -820,10 +816,13 @@ assert host_reads["lbfgs"] == 0 and host_reads["torch_lbfgs"] > 0
 # %% [markdown]
 # ### Mixed precision for VGG: what it does to the gradient
 # Mixed precision runs VGG's convolutions with 16-bit numbers. That is faster on a GPU, but with fewer digits.
-# float16 keeps about 3 decimal digits, and bfloat16 about 2. Below, the gradient at the white-noise start is
+# float16 keeps about 3 decimal digits, and bfloat16 about 2.
+#
+# Below, the gradient at the white-noise start is
 # computed with VGG in each format and compared with the float32 gradient. A *loss scale* multiplies the loss
 # before the backward pass and divides the gradient after it. It rescues gradients that are too small for
-# float16. It cannot add digits. So if it does not shrink the error, the error comes from rounding.
+# float16. It cannot add digits. So if it does not shrink the error, the error comes from rounding. Even with
+# VGG in 16 bits, `StyleObjective` turns the feature maps back to 32-bit floats before any loss.
 
 # %%
 start_image = sopt.initial_image(content, INIT, SEED)
@@ -910,7 +909,7 @@ display(Markdown(
 
 # %% [markdown]
 # ## Check your understanding
-# 1. Section 5 shuffled the positions of a style feature map. Why did its Gram matrix not change, while its
+# 1. Section 9 shuffled the positions of a style feature map. Why did its Gram matrix not change, while its
 #    content loss did?
 #
 #    <details><summary>Answer</summary>
@@ -929,7 +928,7 @@ display(Markdown(
 # 3. Why can `torch.optim.LBFGS` be slow on a GPU, although it takes the same steps as `SyncFreeLBFGS`?
 #
 #    <details><summary>Answer</summary>
-#    It reads numbers back from the GPU in every iteration to take its decisions. Each read makes the computer
+#    It reads numbers back from the GPU in every iteration to take its decisions, about 200 with a full memory. Each read makes the computer
 #    wait until the GPU has finished its queued work. `SyncFreeLBFGS` keeps every number on the GPU, so the
 #    work never stops. Section 10 counted the reads in your run.
 #    </details>
