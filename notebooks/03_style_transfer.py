@@ -197,7 +197,8 @@ plotting.show_panels({f"content: {sdata.describe_source(CONTENT_IMAGE)}": conten
 
 # %% [markdown]
 # ## 4. Model: a frozen VGG19 feature extractor
-# Only the layers up to relu5_1 are built, and all of them are frozen. The only trainable parameters in this notebook are the pixels of the image being stylised.
+# Only the layers up to relu5_1 are built, and all of them are frozen. The only trainable parameters in this
+# notebook are the pixels of the image being stylised.
 
 # %%
 env.seed_everything(SEED)  # the random-weight stand-in is rebuilt identically for the reload check
@@ -548,8 +549,9 @@ if gallery:
 # to beat.
 #
 # **Why not move the style features around?** A Gram matrix forgets where features are. Shuffling, flipping
-# or rotating the positions of a feature map leaves $G = FF^\top/M$ unchanged. A permutation $\Pi$ of the positions gives $F\Pi\Pi^\top F^\top = FF^\top$.
-# So spatial transforms of the style features give *no* new style targets.
+# or rotating the positions of a feature map leaves $G = FF^\top/M$ unchanged. A permutation $\Pi$ of the
+# positions gives $F\Pi\Pi^\top F^\top = FF^\top$. So spatial transforms of the style features give *no* new
+# style targets.
 
 # %%
 f = dict(zip(vgg.layers, vgg(style_image)))["relu3_1"]
@@ -818,11 +820,11 @@ assert host_reads["lbfgs"] == 0 and host_reads["torch_lbfgs"] > 0
 # Mixed precision runs VGG's convolutions with 16-bit numbers. That is faster on a GPU, but with fewer digits.
 # float16 keeps about 3 decimal digits, and bfloat16 about 2.
 #
-# Below, the gradient at the white-noise start is
-# computed with VGG in each format and compared with the float32 gradient. A *loss scale* multiplies the loss
-# before the backward pass and divides the gradient after it. It rescues gradients that are too small for
-# float16. It cannot add digits. So if it does not shrink the error, the error comes from rounding. Even with
-# VGG in 16 bits, `StyleObjective` turns the feature maps back to 32-bit floats before any loss.
+# Below, the gradient at the white-noise start is computed with VGG in each format and compared with the
+# float32 gradient. A *loss scale* multiplies the loss before the backward pass and divides the gradient after
+# it. It rescues gradients that are too small for float16. It cannot add digits. So if it does not shrink the
+# error, the error comes from rounding. Even with VGG in 16 bits, `StyleObjective` turns the feature maps back
+# to 32-bit floats before any loss.
 
 # %%
 start_image = sopt.initial_image(content, INIT, SEED)
@@ -928,9 +930,9 @@ display(Markdown(
 # 3. Why can `torch.optim.LBFGS` be slow on a GPU, although it takes the same steps as `SyncFreeLBFGS`?
 #
 #    <details><summary>Answer</summary>
-#    It reads numbers back from the GPU in every iteration to take its decisions, about 200 with a full memory. Each read makes the computer
-#    wait until the GPU has finished its queued work. `SyncFreeLBFGS` keeps every number on the GPU, so the
-#    work never stops. Section 10 counted the reads in your run.
+#    It reads numbers back from the GPU in every iteration to take its decisions, about 200 with a full
+#    memory. Each read makes the computer wait until the GPU has finished its queued work. `SyncFreeLBFGS`
+#    keeps every number on the GPU, so the work never stops. Section 10 counted the reads in your run.
 #    </details>
 
 # %% [markdown]
