@@ -35,7 +35,7 @@ from helpers.vgg import STAND_IN_NOTE, VGG19Features
 # ## 1. Settings
 # * `RUN_DIR_ON_DRIVE`: in Colab, keep the run on Google Drive. A new session then resumes it.
 # * `SEED`: the random seed of the white-noise start.
-# * `PAINTING`: the style, such as `"great_wave"`. `PAINTINGS` lists the public-domain paintings you can pick.
+# * `PAINTING`: the style, such as `"great_wave"`. `sdata.PAINTINGS` lists the public-domain ones.
 # * `CONTENT_IMAGE`, `STYLE_IMAGE`: your own pictures, as a file path, a web address or `skimage:NAME`. An
 #   empty `STYLE_IMAGE` means the painting above.
 # * `IMAGE_SIZE`: the longer side of the images in pixels.
@@ -49,7 +49,7 @@ from helpers.vgg import STAND_IN_NOTE, VGG19Features
 # Settings you may change
 RUN_DIR_ON_DRIVE = False               # True in Colab: keep the run on Google Drive
 SEED = 0                               # random seed: the same seed gives the same start
-PAINTING = "starry_night"              # the style: a key of PAINTINGS
+PAINTING = "starry_night"              # the style: a key of sdata.PAINTINGS
 CONTENT_IMAGE = os.environ.get("CONTENT_IMAGE", "skimage:chelsea")  # path, URL or skimage:NAME
 STYLE_IMAGE = os.environ.get("STYLE_IMAGE", "")  # your own style image; empty: PAINTING
 IMAGE_SIZE = 512                       # longer side in pixels (the cat photo: 512x341)
@@ -518,8 +518,8 @@ assert high["style"] < low["style"] and high["content"] > low["content"], \
 
 # %% [markdown]
 # ### The same photo in the style of other paintings
-# Nothing in the method belongs to one painting. The same code runs with the other paintings of `PAINTINGS`,
-# for `GALLERY_STEPS` iterations each. Each run must lower its own style loss from the white-noise start.
+# Nothing in the method belongs to one painting. The same code runs with the other paintings of
+# `sdata.PAINTINGS`, for `GALLERY_STEPS` iterations each. Each run must lower its own style loss from the white-noise start.
 
 # %%
 gallery = {}
