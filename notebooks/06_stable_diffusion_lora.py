@@ -165,8 +165,8 @@ print(f"training step: {PRECISION.description}")
 #
 # $$\mathcal L = \mathbb E_{z_0, c, \varepsilon, t}\, \big\| \varepsilon - \varepsilon_\theta(z_t, t, c) \big\|_2^2 .$$
 #
-# **The caption.** A frozen CLIP text encoder $\tau$ turns the caption into $c \in \mathbb R^{77 \times 768}$:
-# one vector per token. In every transformer block of the UNet, *cross-attention* lets the image
+# **The caption.** CLIP is a pair of networks trained to match images with their captions. Its frozen
+# text encoder $\tau$ turns the caption into $c \in \mathbb R^{77 \times 768}$: one vector per token. In every transformer block of the UNet, *cross-attention* lets the image
 # features $\varphi(z_t)$ look up the text:
 #
 # $$\mathrm{Attention}(Q, K, V) = \mathrm{softmax}\!\Big(\frac{Q K^\top}{\sqrt d}\Big) V, \quad
@@ -186,8 +186,9 @@ print(f"training step: {PRECISION.description}")
 # prediction into the next, less noisy latent. Training uses the DDPM schedule with all $T$ steps. For
 # drawing we use DPM-Solver++ (Lu et al. 2022), which needs only a few dozen steps.
 #
-# `StableDiffusionPipeline` holds all four parts. Full mode downloads the fp16 weight files, which are half
-# the size. It leaves out the safety checker, which saves 0.6 GB, so check your images yourself. Smoke
+# `StableDiffusionPipeline` holds all four parts. Full mode downloads the weights in fp16, a 16-bit number
+# format that halves the download. It leaves out the safety checker, a filter that blanks images it judges
+# unsafe. That saves 0.6 GB, so check your images yourself. Smoke
 # mode builds the same pipeline class from tiny configs and saves it to a folder. So the loading code is
 # the same for both.
 
@@ -274,8 +275,8 @@ hplot.show_grid(torch.stack([item["pixel_values"] for item in preview]), f"Train
 # %% [markdown]
 # ## 4. The LoRA adapter
 #
-# Fine-tuning all the UNet's weights needs a gradient and two Adam moments for each of them. That is too
-# much memory for a T4. LoRA, short for *low-rank adaptation* (Hu et al. 2021), freezes every pretrained
+# Fine-tuning all the UNet's weights needs, for each weight, a gradient and the two running averages that
+# the Adam optimizer keeps. That is too much memory for a T4. LoRA, short for *low-rank adaptation* (Hu et al. 2021), freezes every pretrained
 # matrix $W \in \mathbb R^{d \times k}$. Beside it, it learns an update made of two thin matrices:
 #
 # $$h = W x + \frac{\alpha}{r}\, B A\, x, \qquad A \in \mathbb R^{r \times k},\; B \in \mathbb R^{d \times r},
@@ -387,7 +388,8 @@ plt.show()
 # runs `GRAD_ACCUM` micro-batches and adds up their gradients. Then AdamW updates the weights once.
 # So one step sees `BATCH_SIZE × GRAD_ACCUM` images. The gradient norm is clipped at `MAX_GRAD_NORM`.
 #
-# On a GPU the forward pass runs in fp16 or bf16 under *autocast*. In fp16, small gradients round to
+# On a GPU the forward pass runs under *autocast*, which computes most operations in a 16-bit format,
+# fp16 or bf16. In fp16, small gradients round to
 # zero. So a *GradScaler* multiplies the loss by a large scale first, and divides the gradients by it
 # before the update. `accelerate` does both on a GPU. On a CPU it turns fp16 off, so with `EMULATE_T4=1`
 # the step builds its own.
@@ -557,8 +559,8 @@ hplot.show_image_table(torch.cat(sweep), PROMPTS[:1], LORA_SCALES,
 # %% [markdown]
 # ## 8. CLIP score before and after
 #
-# The *CLIP score* (Hessel et al. 2021) measures how well an image matches a caption. CLIP is a model
-# that maps images and texts into one space. The score is the cosine similarity of an image and its
+# The *CLIP score* (Hessel et al. 2021) measures how well an image matches a caption. CLIP's two
+# encoders map images and texts into one space. The score is the cosine similarity of an image and its
 # caption there, times 100, averaged over the pairs and floored at zero:
 # $\max\big(100 \cdot \overline{\cos}(E_I(x), E_T(y)),\, 0\big)$. We use OpenAI's CLIP ViT-B/16 and
 # prepare each image as CLIP was trained.
@@ -718,7 +720,7 @@ display(Markdown(f"| measure | your run on {env.describe_device(DEVICE)} |\n|---
 # compare yours with. What exists is a measurement of the training step alone.
 #
 # Reference: the UNet training step only, SD 1.5-sized UNet with random weights, 512 px, rank 4, fp16,
-# 4 images per step, on a data-centre GPU with 80 GB (experiments/RESULTS.md, section 06).
+# 4 images per step, on a large data-centre GPU (experiments/RESULTS.md, section 06).
 #
 # | variant | steps/s | peak GPU memory |
 # |---|---|---|
