@@ -188,9 +188,8 @@ print(f"training step: {PRECISION.description}")
 #
 # `StableDiffusionPipeline` holds all four parts. Full mode downloads the weights in fp16, a 16-bit number
 # format that halves the download. It leaves out the safety checker, a filter that blanks images it judges
-# unsafe. That saves 0.6 GB, so check your images yourself. Smoke
-# mode builds the same pipeline class from tiny configs and saves it to a folder. So the loading code is
-# the same for both.
+# unsafe. That saves 0.6 GB, so check your images yourself. Smoke mode builds the same pipeline class from
+# tiny configs and saves it to a folder. So the loading code is the same for both.
 
 # %%
 MODEL = sd_pipeline.resolve_model_id(MODEL_ID, RUN_DIR)
@@ -276,8 +275,9 @@ hplot.show_grid(torch.stack([item["pixel_values"] for item in preview]), f"Train
 # ## 4. The LoRA adapter
 #
 # Fine-tuning all the UNet's weights needs, for each weight, a gradient and the two running averages that
-# the Adam optimizer keeps. That is too much memory for a T4. LoRA, short for *low-rank adaptation* (Hu et al. 2021), freezes every pretrained
-# matrix $W \in \mathbb R^{d \times k}$. Beside it, it learns an update made of two thin matrices:
+# the Adam optimizer keeps. That is too much memory for a T4. LoRA, short for *low-rank adaptation* (Hu et
+# al. 2021), freezes every pretrained matrix $W \in \mathbb R^{d \times k}$. Beside it, it learns an
+# update made of two thin matrices:
 #
 # $$h = W x + \frac{\alpha}{r}\, B A\, x, \qquad A \in \mathbb R^{r \times k},\; B \in \mathbb R^{d \times r},
 #   \; r \ll \min(d, k).$$
@@ -388,11 +388,10 @@ plt.show()
 # runs `GRAD_ACCUM` micro-batches and adds up their gradients. Then AdamW updates the weights once.
 # So one step sees `BATCH_SIZE × GRAD_ACCUM` images. The gradient norm is clipped at `MAX_GRAD_NORM`.
 #
-# On a GPU the forward pass runs under *autocast*, which computes most operations in a 16-bit format,
-# fp16 or bf16. In fp16, small gradients round to
-# zero. So a *GradScaler* multiplies the loss by a large scale first, and divides the gradients by it
-# before the update. `accelerate` does both on a GPU. On a CPU it turns fp16 off, so with `EMULATE_T4=1`
-# the step builds its own.
+# On a GPU the forward pass runs under *autocast*, which computes most operations in a 16-bit format, fp16
+# or bf16. In fp16, small gradients round to zero. So a *GradScaler* multiplies the loss by a large scale
+# first, and divides the gradients by it before the update. `accelerate` does both on a GPU. On a CPU it
+# turns fp16 off, so with `EMULATE_T4=1` the step builds its own.
 
 # %% [helpers] sd_lora/train: lora_training_step
 
