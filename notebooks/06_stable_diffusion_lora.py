@@ -718,8 +718,9 @@ display(Markdown(f"| measure | your run on {env.describe_device(DEVICE)} |\n|---
 # No full run of this notebook has been measured yet. So there are no reference images or CLIP scores to
 # compare yours with. What exists is a measurement of the training step alone.
 #
-# Reference: the UNet training step only, SD 1.5-sized UNet with random weights, 512 px, rank 4, fp16,
-# 4 images per step, on a large data-centre GPU (experiments/RESULTS.md, section 06).
+# Reference: the UNet training step alone on random inputs, SD 1.5-sized UNet with random weights,
+# 512 px, rank 4, fp16, 4 images per step, timed after warm-up on a large data-centre GPU
+# (experiments/RESULTS.md, section 06).
 #
 # | variant | steps/s | peak GPU memory |
 # |---|---|---|
@@ -917,8 +918,9 @@ display(Markdown(f"""
 #    <details><summary>Answer</summary>
 #
 #    The update is $\frac{\alpha}{r} BA$. With $\alpha / 2$ and $2B$ the product is unchanged. A reload
-#    that ignores the file takes $\alpha = r$, so it multiplies $2B$ by 1 instead of 1/2. The adapter's
-#    effect doubles. Section 11 checks that the reload reads alpha from the file.
+#    that ignores the file takes $\alpha = r$. Here $\alpha = r$, so the scale becomes 1 instead of 1/2,
+#    and $2B$ is not halved. The adapter's effect doubles. Section 11 checks that the reload reads alpha
+#    from the file.
 #
 #    </details>
 #
