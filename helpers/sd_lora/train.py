@@ -105,7 +105,7 @@ def lora_training_step(unet: nn.Module, optimizer: torch.optim.Optimizer,
 
 @dataclass
 class LoraPlan:
-    """The knobs of the LoRA training loop, set from the parameters cell."""
+    """The knobs of the LoRA training loop, set from the settings cells."""
 
     steps: int  # optimizer steps in all
     batch_size: int  # images per micro-batch (per GPU)
