@@ -10,8 +10,8 @@ with, when bitsandbytes and CUDA are present (otherwise those rows say why not).
 On a CPU (reduced): the tiny UNet of smoke mode, 32 px, batch 1 x 2, fp32 without and with checkpointing.
 
 `full_mode_tflop()` counts the FLOPs of the notebook's full-mode work on the meta device and `t4_estimate()` turns
-them and the measured H100 rate (memory.H100_MEASURED) into the run time the notebook's header quotes for a T4
-(printed here).
+them and the measured H100 rate (memory.H100_MEASURED) into the T4 run-time estimate derived in
+experiments/RESULTS.md, section 06 (the notebook's ⏱ line quotes its total; printed here).
 """
 from __future__ import annotations
 

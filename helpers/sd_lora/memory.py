@@ -46,9 +46,10 @@ def decide_gradient_checkpointing(choices: GpuChoices, free_gb: float | None,
     use = need_gb > free_gb
     (slow, _), (fast, _) = H100_MEASURED[("LoRA", True)], H100_MEASURED[("LoRA", False)]
     verdict = ("on: it would not fit without" if use else f"off: it fits without, and checkpointing would "
-               f"cost speed ({slow} vs {fast} steps/s on an H100)")
-    return use, (f"the step needs about {need_gb:.1f} GB without gradient checkpointing (derived from an H100 "
-                 f"measurement), {free_gb:.1f} GB of GPU memory is free: checkpointing {verdict}")
+               f"cost speed ({slow} vs {fast} steps/s in that measurement)")
+    return use, (f"the step needs about {need_gb:.1f} GB without gradient checkpointing (derived from a "
+                 "measurement on a large data-centre GPU, experiments/RESULTS.md section 06), "
+                 f"{free_gb:.1f} GB of GPU memory is free: checkpointing {verdict}")
 
 
 def choose_gradient_checkpointing(choices: GpuChoices, batch_size: int, latent_side: int,
