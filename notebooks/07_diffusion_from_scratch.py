@@ -251,6 +251,10 @@ x_noisy = q_sample(schedule, x_show, t_show, noise_show)
 with torch.no_grad():
     eps_hat = pixel_run.ema.eval()(x_noisy, t_show, **classes.inputs(train_labels[:8].to(DEVICE)))
     guess = predict_x0(schedule, x_noisy, t_show, eps_hat).float().clamp(-1, 1)
+exact = predict_x0(schedule, x_noisy, t_show, noise_show)  # the true noise gives x0 back
+least_signal = schedule.alpha_bars[t_show.cpu()].min().sqrt()  # the least signal shown
+worst = 64 * torch.finfo(torch.float32).eps * x_noisy.abs().max().item() / least_signal.item()
+assert (exact - x_show).abs().max() <= worst, "the formula for x0 must invert the forward one"
 plotting.show_panels({"clean images": x_show.cpu(), "noisy images": x_noisy.cpu(),
                       "the model's guess of x0": guess.cpu()},
                      "One noise prediction, turned into a guess of the clean image",
