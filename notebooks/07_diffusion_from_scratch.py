@@ -5,7 +5,7 @@
 #
 # You will build a diffusion model piece by piece and train it on FashionMNIST. It learns to remove
 # noise from images. Then it makes new clothes from pure noise, guided by a sentence such as "a photo of
-# a sneaker". The same measure as in notebooks 01 and 02 scores it against the GANs.
+# a sneaker". The same judge as in the GAN notebooks scores it against the GANs.
 #
 # ![Prompt to image: six prompts, four samples each](https://raw.githubusercontent.com/genimg-notebooks/genimg-notebooks/main/images/07_prompts.png)
 #
@@ -15,24 +15,12 @@
 # * how classifier-free guidance trades variety for faithfulness,
 # * why Stable Diffusion works in a small latent space, and how text enters by cross-attention.
 #
-# **Run time:** {{RUN_TIME}}
+# ⏱ {{RUN_TIME}}
 
 # %% SETUP
 
-# %% [markdown]
-# ## 1. Settings
-# * `SCHEDULE`: the noise schedule, "cosine" or "linear".
-# * `AE_STEPS`, `LATENT_STEPS`, `PIXEL_STEPS`: training steps of the autoencoder, the main model and
-#   the small pixel model.
-# * `BATCH_SIZE`: images per training step.
-# * `GUIDANCE`, `DDIM_STEPS`: the guidance scale $w$ and the denoising steps of the final samples.
-# * `N_SAMPLES`: images in the final score. The GAN notebooks score 10,000 too.
-# * `PROMPTS`: your own sentences for the text-to-image part.
-# * `RUN_DIR_ON_DRIVE`: in Colab, keep the run on Google Drive so that a new session resumes it.
-
 # %%
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -44,23 +32,31 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 # %%
-from helpers import data, metrics, plotting
-from helpers.diffusion import evaluate as ev
-from helpers.diffusion.data import (CAPTION_TEMPLATES, FASHION_WORDS, ClassLabels,
-                                    load_sentence_encoder, stand_in_encoder_note, token_embeddings)
-from helpers.diffusion.train import DenoiserPlan, DenoiserRun, RandomStream, train_autoencoder
-from helpers.environment import (data_dir, describe_device, gpu_choices, pick_device, run_dir,
-                                 seed_everything, smoke_mode, use_drive_for_runs)
-from helpers.training import count_parameters, load_checkpoint, save_checkpoint, write_metrics
+from helpers import data, environment as env, metrics, plotting, training
+from helpers.diffusion import data as diffusion_data, evaluate as ev, train as diffusion_train
+
+# %% [markdown]
+# ## 1. Settings
+# * `RUN_DIR_ON_DRIVE`: in Colab, keep the run on Google Drive, so that a new session resumes it.
+# * `SEED`: the random seed. The same seed gives the same run.
+# * `SCHEDULE`: the noise schedule, "cosine" or "linear".
+# * `AE_STEPS`, `LATENT_STEPS`, `PIXEL_STEPS`: training steps of the autoencoder, the main model and
+#   the small pixel model.
+# * `BATCH_SIZE`: images per training step.
+# * `GUIDANCE`, `DDIM_STEPS`: the guidance scale $w$ and the denoising steps of the final samples.
+# * `N_SAMPLES`: images in the final score, as many as the GAN notebooks score.
+# * `PROMPTS`: your own sentences for the text-to-image part.
+#
+# The advanced settings below are collapsed in Colab. Open them to change the network sizes or the
+# learning rate.
 
 # %%
-SMOKE = smoke_mode()                       # SMOKE=1: CI's tiny run (you can ignore this)
-NOTEBOOK = "{{NOTEBOOK}}"
+# Settings you may change
 RUN_DIR_ON_DRIVE = False                   # True in Colab: keep the run on Google Drive
 SEED = 0                                   # random seed: the same seed gives the same run
 SCHEDULE = "cosine"                        # noise schedule: "cosine" or "linear"
 AE_STEPS = 1_000                           # autoencoder training steps
-LATENT_STEPS = int(os.environ.get("DIFFUSION_STEPS", "3000"))  # main (latent, text) model
+LATENT_STEPS = 3_000                       # main model (latent codes, text) training steps
 PIXEL_STEPS = 300                          # the pixel-space model, for comparison
 BATCH_SIZE = 128                           # images per training step
 GUIDANCE = 1.5                             # guidance scale w of the final samples
@@ -70,38 +66,52 @@ PROMPTS = ["a photo of a sneaker", "a picture of a handbag", "a long dress",
            "a warm winter coat", "a pair of trousers", "an ankle boot"]
 
 # %%
-# Advanced settings
+#@title Advanced settings
+import os  # noqa: E402
+
+NOTEBOOK = "{{NOTEBOOK}}"
+LATENT_STEPS = int(os.environ.get("DIFFUSION_STEPS", LATENT_STEPS))  # a run script may set it
 T = 1000                                   # timesteps of the forward process
 LATENT_WIDTHS, PIXEL_WIDTHS = (32, 64), (16, 32, 64)  # U-Net channels per level
 LR, P_UNCOND, EMA_DECAY = 1e-3, 0.1, 0.999  # learning rate, label dropout, weight average
 AE_BATCH = 64                              # images per autoencoder training step
-GUIDANCE_SWEEP = (0.0, 1.0, 1.5, 2.0, 3.0)  # guidance scales compared in section 9
-PIXEL_DDIM_STEPS = 10                      # the pixel model's denoising steps in the scoreboard
+GUIDANCE_SWEEP = (0.0, 1.0, 1.5, 2.0, 3.0)  # guidance scales compared on the scoreboard
+PIXEL_DDIM_STEPS = 10                      # the pixel model's denoising steps on the scoreboard
 COMPARE_SAMPLES, CURVE_SAMPLES = 1_000, 500  # images per compared variant, per point of the curve
 CURVE_POINTS = 4                           # FD measurements during training
 DATASET, TRAIN_LIMIT, CLASSIFIER_EPOCHS = "FashionMNIST", None, 3  # as in notebook 02
+SMOKE = env.smoke_mode()                   # set by CI's tests, off in Colab
 if SMOKE:  # CI's tiny run: you can ignore this
     AE_STEPS, LATENT_STEPS, PIXEL_STEPS, BATCH_SIZE, AE_BATCH = 10, 20, 4, 16, 16
     N_SAMPLES, COMPARE_SAMPLES, CURVE_SAMPLES, CURVE_POINTS = 50, 50, 50, 2
     TRAIN_LIMIT, CLASSIFIER_EPOCHS, T = 4_000, 1, 100
     GUIDANCE_SWEEP = (0.0, 1.5)
 
-use_drive_for_runs(RUN_DIR_ON_DRIVE)       # mounts Drive and sets $RUN_DIR there (Colab only)
-DEVICE = pick_device()
-CHOICES = gpu_choices(DEVICE)              # fp16 or bf16 autocast on a GPU, fp32 on a CPU
+# %% [markdown]
+# The device and the run folder. On a GPU this cell picks mixed precision, and it says so.
+
+# %%
+env.use_drive_for_runs(RUN_DIR_ON_DRIVE)   # mounts Drive and sets $RUN_DIR there (Colab only)
+DEVICE = env.pick_device()
+CHOICES = env.gpu_choices(DEVICE)          # fp16 or bf16 autocast on a GPU, fp32 on a CPU
 MEMORY = torch.channels_last if CHOICES.channels_last else torch.preserve_format
-DATA_DIR, RUN_DIR = data_dir(), run_dir(NOTEBOOK)
-seed_everything(SEED)
+DATA_DIR, RUN_DIR = env.data_dir(), env.run_dir(NOTEBOOK)
+env.seed_everything(SEED)
 print(f"device: {CHOICES.describe()} | run folder: {RUN_DIR}")
 
 # %% [markdown]
 # ## 2. The data and the judge
-# FashionMNIST holds grayscale clothes of 28×28 pixels in ten classes. The 10,000 test images judge
-# the samples. The judge is the one of notebooks 01 and 02: a small classifier trained on the training
-# images. The **Fréchet distance (FD)** fits a Gaussian to the classifier's features of the generated
-# images and one to those of the real images. It measures how far apart the two are: lower is better.
-# **Class coverage** is the entropy of the predicted classes. It is ln 10 = 2.303 nats when all ten
-# classes appear equally often.
+# FashionMNIST holds small grayscale pictures of clothes, 28×28 pixels, in ten classes. Its test images
+# judge our samples. The judge is the same as in the GAN notebooks: a small classifier trained on the
+# training images.
+#
+# The **Fréchet distance**, FD for short, compares two sets of images. It fits a Gaussian to the
+# classifier's features of each set. Then it measures how far apart the two Gaussians are. Lower is
+# better. **Class coverage** is the entropy of the predicted classes: it measures how evenly they
+# spread. Entropy measured with the natural log is in **nats**. Coverage is highest, about 2.3 nats,
+# when all ten classes appear equally often.
+#
+# ⏱ About 3 min on 2 CPU cores, while the judge trains. A second run reuses the trained judge.
 
 # %%
 train_set = data.load_mnist_like(DATASET, DATA_DIR, train=True)
@@ -194,9 +204,15 @@ plt.show()
 
 # %% [markdown]
 # One training step: pick a batch, a random step $t$ and random noise per image, and regress the noise.
-# A copy of the weights that moves slowly (an **exponential moving average**, EMA) makes the samples.
-# Its memory starts short and grows, so that the first random weights do not linger in it.
-# Training replaces the label by "no class" for one image in ten. The section on guidance explains why.
+# A second copy of the weights follows the trained weights slowly. It is an **exponential moving
+# average** of them, EMA for short, and it makes the samples. Its memory starts short and grows, so
+# that the first random weights do not linger in it. Training replaces the label by "no class" for one
+# image in ten. The section on guidance explains why.
+
+# %%
+# The training loop keeps its plan, weights and history in a run record, and saves checkpoints.
+from helpers.diffusion.train import DenoiserPlan, DenoiserRun
+from helpers.training import load_checkpoint, save_checkpoint
 
 # %% [helpers] diffusion/train: diffusion_loss
 
@@ -207,18 +223,45 @@ plt.show()
 # %% [helpers] diffusion/train: train_denoiser
 
 # %% [markdown]
-# ⏱ The first model works on pixels. It trains for `PIXEL_STEPS` steps and saves a checkpoint as it goes.
-# Re-run the cell to continue a run that stopped.
+# The first model works on pixels. It trains for `PIXEL_STEPS` steps and saves a checkpoint as it goes.
+#
+# ⏱ About 4 min on 2 CPU cores, under 1 min on a T4 (estimated). Re-run this cell to continue.
 
 # %%
-classes = ClassLabels(10)
+classes = diffusion_data.ClassLabels(10)
 pixel_model = Denoiser(1, PIXEL_WIDTHS, num_classes=10).to(DEVICE, memory_format=MEMORY)
 pixel_plan = DenoiserPlan(PIXEL_STEPS, BATCH_SIZE, LR, P_UNCOND, EMA_DECAY)
 pixel_run = DenoiserRun(pixel_model, pixel_plan, CHOICES)
 train_denoiser(pixel_run, schedule, train_images.to(DEVICE), train_labels, classes,
                RUN_DIR / "pixel", {"widths": PIXEL_WIDTHS, "space": "pixel"})
-print(f"pixel model: {count_parameters(pixel_model):,} parameters, {pixel_run.record.step:,} steps "
-      f"in {pixel_run.record.stopwatch.seconds:.0f} s")
+print(f"pixel model: {training.count_parameters(pixel_model):,} parameters, "
+      f"{pixel_run.record.step:,} steps in {pixel_run.record.stopwatch.seconds:.0f} s")
+
+# %% [markdown]
+# What has the model learned? Below, $t$ grows from left to right. The model's noise prediction gives a
+# guess of the clean image: the forward formula, solved for $x_0$.
+#
+# $$\hat x_0 = \frac{x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta(x_t, t)}{\sqrt{\bar\alpha_t}}$$
+
+# %%
+x_show = train_images[:8].to(DEVICE)
+t_show = torch.linspace(T // 10, T - T // 10, 8).long().to(DEVICE)
+noise_show = torch.randn(x_show.shape, generator=torch.Generator().manual_seed(SEED)).to(DEVICE)
+x_noisy = q_sample(schedule, x_show, t_show, noise_show)
+with torch.no_grad():
+    eps_hat = pixel_run.ema.eval()(x_noisy, t_show, **classes.inputs(train_labels[:8].to(DEVICE)))
+    guess = predict_x0(schedule, x_noisy, t_show, eps_hat).float().clamp(-1, 1)
+exact = predict_x0(schedule, x_noisy, t_show, noise_show)  # the true noise gives x0 back
+least_signal = schedule.alpha_bars[t_show.cpu()].min().sqrt()  # the least signal shown
+worst = 64 * torch.finfo(torch.float32).eps * x_noisy.abs().max().item() / least_signal.item()
+assert (exact - x_show).abs().max() <= worst, "the formula for x0 must invert the forward one"
+plotting.show_panels({"clean images": x_show.cpu(), "noisy images": x_noisy.cpu(),
+                      "the model's guess of x0": guess.cpu()},
+                     "One noise prediction, turned into a guess of the clean image",
+                     RUN_DIR / "first_guesses.png")
+
+# %% [markdown]
+# At small $t$ the guess is sharp. At large $t$ it is a blurry average of what the image could be.
 
 # %% [markdown]
 # ## 5. Sampling: from noise back to an image
@@ -233,16 +276,18 @@ print(f"pixel model: {count_parameters(pixel_model):,} parameters, {pixel_run.re
 # earlier step $s$: $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s}\,\varepsilon_\theta$.
 # With no fresh noise ($\eta = 0$) the same start always gives the same image.
 #
-# One detail matters in practice. At the noisiest step $\bar\alpha_t$ is almost 0, so $\hat x_0$
-# divides a small error by a tiny number. We **clip** $\hat x_0$ to the range of the data: −1 to 1 for
-# pixels, and the range of the training codes in section 7.
+# One detail matters in practice. At the noisiest step $\bar\alpha_t$ is almost zero. So $\hat x_0$
+# divides a small error by a tiny number. We **clip** $\hat x_0$ to the range of the data. For pixels
+# that range is −1 to 1. For the latent codes of the latent diffusion part, it is the range of the
+# training codes.
 
 # %% [helpers] diffusion/sample: EpsFn, ddpm_sample
 
 # %% [helpers] diffusion/sample: ddim_timesteps, ddim_sample
 
 # %% [markdown]
-# Now the pixel model's first images: with all of DDPM's steps, and with DDIM's 20.
+# Now the pixel model draws its first images from pure noise: with all of DDPM's $T$ steps, and with
+# 20 DDIM steps.
 
 # %%
 pixel_ema = pixel_run.ema.eval()
@@ -304,18 +349,24 @@ print(f"w = 0 equals the conditional prediction; w = 2 equals 3 cond - 2 uncond 
 
 # %% [markdown]
 # ## 7. Latent diffusion: denoise a small code instead of pixels
-# Pixels are expensive: every step of the pixel model works on 784 numbers at full size. Stable Diffusion
-# first trains an **autoencoder**. Its encoder squeezes an image into a small **latent** code, and its
-# decoder turns the code back into an image. Diffusion then runs on the codes. Ours maps 28×28 pixels to
-# 4×7×7 = 196 numbers. The decoder can never be better than its reconstructions, so the FD of the
-# reconstructions is the **floor** of this route.
+# Pixels are expensive. Every step of the pixel model works on the full image. Stable Diffusion first
+# trains an **autoencoder**. Its encoder squeezes an image into a small **latent** code. Its decoder
+# turns the code back into an image. Diffusion then runs on the codes. Our code is four times smaller
+# than the image: 4 channels of 7×7 numbers.
+#
+# Every generated image passes through the decoder. So the FD of the decoder's reconstructions of real
+# images is the **floor** of this route: the best score it can hope for.
 
 # %% [helpers] diffusion/model: AutoEncoder
 
+# %% [markdown]
+# ⏱ About 2 min on 2 CPU cores, a few seconds on a T4 (estimated). A second run reuses the trained
+# autoencoder.
+
 # %%
 autoencoder = AutoEncoder(4).to(DEVICE, memory_format=MEMORY)
-ae_info = train_autoencoder(autoencoder, train_images.to(DEVICE), AE_STEPS, AE_BATCH, 2e-3, RUN_DIR,
-                            CHOICES, SEED)
+ae_info = diffusion_train.train_autoencoder(autoencoder, train_images.to(DEVICE), AE_STEPS,
+                                            AE_BATCH, 2e-3, RUN_DIR, CHOICES, SEED)
 autoencoder.eval().requires_grad_(False)
 with torch.no_grad():
     codes = torch.cat([autoencoder.encode(train_images[i:i + 2000].to(DEVICE)).float()
@@ -345,31 +396,37 @@ plotting.show_panels({"test images": test_images[:16], "reconstructions": rebuil
 
 # %% [markdown]
 # ## 8. Text conditioning by cross-attention
-# Stable Diffusion reads a sentence. A frozen text encoder turns each word piece (a **token**) into a vector.
-# We use the same small sentence encoder as notebook 04 (all-MiniLM-L6-v2). Every class gets five captions,
-# such as "a photo of a sneaker" or "a picture of a sneaker".
+# Stable Diffusion reads a sentence. A frozen text encoder splits the sentence into word pieces, called
+# **tokens**, and turns each token into a vector. We use the small sentence encoder all-MiniLM-L6-v2, as
+# notebook 04 does. Every class gets five captions, such as "a photo of a sneaker" or "a picture of a
+# sneaker".
 #
 # The image reads the text by **cross-attention**. Each position of the feature map asks a question $Q$.
 # Each token offers a key $K$ and a value $V$. The position takes a weighted mix of values:
 # $\mathrm{softmax}(QK^\top/\sqrt{d})\,V$. The empty caption "" is the "no text" input for guidance.
 
+# %%
+# The caption templates, the words for the ten classes, and the call that runs the text encoder.
+from helpers.diffusion.data import CAPTION_TEMPLATES, FASHION_WORDS, token_embeddings
+
 # %% [helpers] diffusion/data: CaptionTable
 
 # %%
-tokenizer, encoder = load_sentence_encoder()
-if (note := stand_in_encoder_note()):
+tokenizer, encoder = diffusion_data.load_sentence_encoder()
+if (note := diffusion_data.stand_in_encoder_note()):
     STAND_INS.append(note)
 captions = CaptionTable(tokenizer, encoder)
 print(f"{len(captions.captions)} classes x {len(captions.captions[0])} captions, "
       f"{captions.length} tokens of {captions.dim} numbers each; e.g. {captions.captions[7][0]!r}")
 text_model = Denoiser(4, LATENT_WIDTHS, context_dim=captions.dim).to(DEVICE, memory_format=MEMORY)
-print(f"latent text model: {count_parameters(text_model):,} parameters "
-      f"(pixel model: {count_parameters(pixel_model):,})")
+print(f"latent text model: {training.count_parameters(text_model):,} parameters "
+      f"(pixel model: {training.count_parameters(pixel_model):,})")
 
 # %% [markdown]
-# ⏱ The main model trains on the latent codes, reading one of its class's captions per image. Every few
-# hundred steps it draws `CURVE_SAMPLES` images and scores them, for the curve of section 9. Re-run the
-# cell to continue a run that stopped.
+# The main model trains on the latent codes. For each image it reads one of its class's captions. Every
+# few hundred steps it draws `CURVE_SAMPLES` images and scores them, for the FD curve of the scoreboard.
+#
+# ⏱ About 7 min on 2 CPU cores, 1 to 3 min on a T4 (estimated). Re-run this cell to continue.
 
 # %%
 latent_shape = tuple(latents.shape[1:])
@@ -397,8 +454,8 @@ plotting.plot_losses(text_record.history, ["loss/eps_mse"],
                      "Latent text model: noise-prediction loss", RUN_DIR / "loss_latent_text.png")
 
 # %% [markdown]
-# Your prompts, four images each, with guidance $w$ = `GUIDANCE` and 20 DDIM steps. The model has only seen
-# five caption styles. Words it never saw still land near known ones in the encoder's space.
+# Your prompts, four images each, with guidance $w$ = `GUIDANCE` and `DDIM_STEPS` DDIM steps. The model
+# has only seen five caption styles. Words it never saw still land near known ones in the encoder's space.
 
 # %%
 text_ema = text_run.ema.eval()
@@ -415,7 +472,7 @@ plotting.show_rows([(p, from_prompts[4 * i:4 * i + 4]) for i, p in enumerate(PRO
                    "Prompt -> image (latent text model)", RUN_DIR / "prompts.png")
 
 # %% [markdown]
-# One DDIM trajectory: the model's guess of the clean image $\hat x_0$ at each of the 20 steps, decoded.
+# One DDIM trajectory: the model's guess of the clean image $\hat x_0$ at each DDIM step, decoded.
 
 # %%
 trajectory: list[Tensor] = []
@@ -429,13 +486,11 @@ plotting.show_grid(path_images, f"{PROMPTS[0]!r}: the guess of x0 at each DDIM s
 
 # %% [markdown]
 # ## 9. The scoreboard: diffusion against the GANs
-# The final samples are scored like notebooks 01 and 02: the same classifier, `N_SAMPLES` images with the
-# ten classes asked for equally often, against the 10,000 test images. The other variants are compared on
+# The final samples are scored as in the GAN notebooks. The same classifier compares `N_SAMPLES` images
+# with the test images. Each of the ten classes is asked for equally often. The other variants use
 # `COMPARE_SAMPLES` images each, which is faster. **Class agreement** is the share of images that the
-# classifier reads as the class that was asked for. A second run of the notebook reuses the scores saved in
-# `scoreboard.json`.
-#
-# ⏱ This cell draws about 20,000 images: about 5 minutes on 2 CPU cores.
+# classifier reads as the class that was asked for. A second run of the notebook reuses the scores saved
+# in `scoreboard.json`.
 
 # %%
 board_path = RUN_DIR / "scoreboard.json"
@@ -460,6 +515,9 @@ def latent_images(steps: int, w: float, n: int = N_SAMPLES) -> Tensor:
     return ev.diffusion_samples(text_ema, schedule, captions, ev.balanced_labels(n), latent_shape,
                        latent_ddim, guided_eps, steps, w, DEVICE, CHOICES, SEED + 1, decode)
 
+
+# %% [markdown]
+# ⏱ About 5 min on 2 CPU cores, under 1 min on a T4 (estimated). Re-run this cell to continue.
 
 # %%
 MAIN = f"latent + text, DDIM {DDIM_STEPS}, w {GUIDANCE:g}, {N_SAMPLES:,} images"
@@ -495,12 +553,6 @@ plotting.show_grid(main_images[:100], f"{MAIN}: ten of each class", RUN_DIR / "s
                    nrow=10)
 
 # %% [markdown]
-# > **How this differs from Stable Diffusion.** Our autoencoder is plain: it has no KL term, unlike
-# > Stable Diffusion's VAE. Our U-Net has two levels and no self-attention. The text encoder is MiniLM
-# > instead of CLIP's. The captions come from five templates, so the model knows ten kinds of clothes,
-# > not open text.
-
-# %% [markdown]
 # Quality against training time. The line is the latent model's FD during training, on `CURVE_SAMPLES`
 # images, counted from the start of the autoencoder's training. The stars are the final scores on
 # `N_SAMPLES` images.
@@ -518,7 +570,7 @@ ev.plot_fd_against_seconds(curve, points, "FashionMNIST: FD against CPU training
                            RUN_DIR / "fd_against_seconds.png")
 
 # %% [markdown]
-# The goals set for this notebook, checked on your run.
+# Five goals for the model, checked on your run.
 
 # %%
 best_gan = gan["improved GAN recipe"]
@@ -539,8 +591,7 @@ display(Markdown("\n".join(f"* {'met' if ok else '**missed**'}: {goal}"
                            for goal, ok in goals.items())))
 
 # %% [markdown]
-# **Reference run.** FashionMNIST with the settings above, on 2 shared CPU cores, December 2026. Training
-# took 12.3 minutes: 128 s for the autoencoder, 389 s for the latent model and 220 s for the pixel model.
+# **Reference run:** FashionMNIST, the settings above, 12 minutes of training on 2 CPU cores.
 #
 # | row | FD ↓ | coverage (nats) ↑ | class agreement ↑ |
 # |---|---|---|---|
@@ -551,8 +602,15 @@ display(Markdown("\n".join(f"* {'met' if ok else '**missed**'}: {goal}"
 # | guidance w 0 / 1 / 2 / 3, DDIM 20, 1,000 images | 30.05 / 20.04 / 24.02 / 29.52 | | 65.3 / 84.6 / 91.6 / 94.3 % |
 # | pixel + class, DDIM 10, 1,000 images | 70.98 | 2.236 | 78.4 % |
 #
-# The diffusion model beat the improved GAN's FD with more class coverage. Class agreement missed 90 % at
-# w = 1.5. Guidance w = 2 reaches 91.6 %, but its FD is worse.
+# In the reference run, the diffusion model beat the improved GAN's FD and covered the classes better.
+# Its class agreement fell just short of the goal of 90 %. Stronger guidance, $w$ = 2, reaches the goal,
+# but its FD is worse.
+
+# %% [markdown]
+# > **How this differs from Stable Diffusion.** Its autoencoder is a VAE: an extra loss, the KL term,
+# > keeps the codes close to a Gaussian. Ours has none. Our U-Net has two levels and no
+# > self-attention. Our text encoder is MiniLM, not CLIP's. Our captions come from five templates, so the
+# > model knows ten kinds of clothes, not open text.
 
 # %% [markdown]
 # ## 10. Under the hood (optional)
@@ -603,9 +661,10 @@ quality = {"fd": main["fd"], "coverage_nats": main["coverage_nats"], "agreement"
 seconds = {"autoencoder": ae_seconds, "latent_text": text_run.record.stopwatch.seconds,
            "pixel": pixel_run.record.stopwatch.seconds}
 iterations = text_run.record.step + pixel_run.record.step + AE_STEPS
-path = write_metrics(RUN_DIR, NOTEBOOK, SMOKE, DEVICE, iterations,
-                     train_seconds, text_run.record.stopwatch.throughput(), quality, STAND_INS,
-                     train_seconds_by_model=seconds, gpu_choices=CHOICES.describe())
+path = training.write_metrics(RUN_DIR, NOTEBOOK, SMOKE, DEVICE, iterations,
+                              train_seconds, text_run.record.stopwatch.throughput(), quality,
+                              STAND_INS, train_seconds_by_model=seconds,
+                              gpu_choices=CHOICES.describe())
 print(path.read_text()[:600])
 
 # %% [markdown]
@@ -628,27 +687,27 @@ display(Markdown(f"""
 """))
 
 # %% [markdown]
-# ### Check your understanding
+# ## Check your understanding
 #
-# **1. Why can training pick a random step $t$ for every image, instead of running the noising chain?**
+# **Why can training pick a random step $t$ for every image, instead of running the noising chain?**
 #
 # <details><summary>Answer</summary>
 #
-# Because $q(x_t \mid x_0)$ has a closed form: $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,
-# \varepsilon$. One multiplication gives the noisy image at any step. Section 3 checks this formula on
-# 10,000 draws.
+# Because the noisy image at step $t$ has a closed form:
+# $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon$. One multiplication and
+# one addition give the noisy image at any step. Section 3 checks this formula on 10,000 draws.
 # </details>
 #
-# **2. Guidance with a large $w$ raises class agreement. Why can it make the FD worse?**
+# **Guidance with a large $w$ raises class agreement. Why can it make the FD worse?**
 #
 # <details><summary>Answer</summary>
 #
 # A large $w$ pushes every image towards the most typical look of its class. The images get less varied.
-# FD compares the whole spread of features with the real images, so a narrow spread costs FD. The sweep in
-# section 9 shows both numbers.
+# FD compares the whole spread of features with the real images, so a narrow spread costs FD. The
+# guidance sweep on your scoreboard shows both numbers.
 # </details>
 #
-# **3. Why is the FD of the autoencoder's reconstructions a floor for the latent model?**
+# **Why is the FD of the autoencoder's reconstructions a floor for the latent model?**
 #
 # <details><summary>Answer</summary>
 #
@@ -658,7 +717,7 @@ display(Markdown(f"""
 
 # %% [markdown]
 # ## What to try next
-# * Train longer: set `LATENT_STEPS` higher and watch the curve of section 9 go down.
+# * Train longer: set `LATENT_STEPS` higher and watch the FD curve go down.
 # * Change `SCHEDULE` to "linear" and compare the FD at the same number of steps.
 # * Try `GUIDANCE` values from the sweep, and write your own `PROMPTS`.
 # * Give the autoencoder 8 latent channels: the floor drops, but the denoiser's job gets harder.
