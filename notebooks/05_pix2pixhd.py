@@ -224,9 +224,9 @@ print(f"generator input for 2 maps: {tuple(x_demo.shape)} (batch, channels, heig
 # IN is *instance norm*: it scales each channel of each image to mean 0 and variance 1. Here it has no learned
 # parameters. Every convolution pads by reflecting the image at its border, and every activation is a ReLU.
 #
-# The building blocks first: the convolution with instance norm and ReLU, the transposed convolution that doubles
-# the size, the RGB head, the official initialisation $\mathcal{N}(0, 0.02)$, and the average pooling that halves
-# an image between scales.
+# The building blocks come first. They are the convolution with instance norm and ReLU, the transposed
+# convolution that doubles the size, and the RGB head. Then come the official initialisation
+# $\mathcal{N}(0, 0.02)$ and the average pooling that halves an image between scales.
 
 # %% [helpers] pix2pixhd/model: init_weights, conv_block, up_block, to_rgb, downsample
 
@@ -514,7 +514,7 @@ def run_variant(key: str, stop_after: int | None = None) -> Trained:
 # the finished run instead of training it again: the output says "reusing the finished run". A run that stopped
 # halfway says "resuming" and goes on from its last epoch.
 #
-# ⏱ About 7 to 12 min on a T4 (estimated). Re-run this cell to continue.
+# ⏱ About 6 to 12 min on a T4 (estimated). Re-run this cell to continue.
 
 # %%
 if env.in_colab():
@@ -660,7 +660,7 @@ fig = plots.show_rows({"input": input_picture(preview), "output G(s)": outputs_f
 # In smoke mode each variant trains for a few iterations only. Its table proves that the code runs, and its
 # numbers mean nothing.
 #
-# ⏱ About 20 to 35 min on a T4 (estimated). Re-run this cell to continue.
+# ⏱ About 19 to 34 min on a T4 (estimated). Re-run this cell to continue.
 
 # %%
 results = {MAIN_VARIANT: main}
@@ -716,10 +716,10 @@ display(Markdown(
 # The GAN-only variant trains three times faster here, because it skips VGG19, the most expensive part of an
 # iteration at this size. Computed on $[-1, 1]$, SSIM would read 0.435, 0.256 and 0.355 for the same outputs.
 #
-# > **Where we depart from the paper.** The course brief writes the generator's LSGAN term with a ½. The
-# > official code has none, and we follow it: the ½ only changes the balance, like doubling both λ. We train
-# > fewer epochs than the paper's 200 per stage, with one local enhancer half as wide, on facades instead of
-# > 2048×1024 street scenes. Mixed precision uses `torch.autocast`, not apex.
+# > **Departures from the paper.** The course brief writes the generator's LSGAN term with a ½. We follow the
+# > official code, which has none: the ½ acts like doubling both λ. We train for fewer than the paper's 200
+# > epochs per stage, with a half-width generator and one local enhancer, on facades, not 2048×1024 street
+# > scenes. GPUs use `torch.autocast`, not apex.
 
 # %% [markdown]
 # ## 9. Under the hood (optional)
@@ -742,8 +742,8 @@ for bad_call in (lambda: p2p.one_hot_labels(torch.full((1, 4, 4), 9), 6),
 # ### What a checkpoint holds
 # Each stage has one checkpoint file, rewritten after every epoch. Resuming reads it back: the weights, both
 # Adam states, the loss scaler, the losses so far and the epoch counter. The cell shows what the main run's files
-# hold, and how many steps each Adam took. With fp16 the loss scaler skips a step whose gradients overflowed. So
-# far fewer Adam steps than iterations would mean lost training.
+# hold, and how many steps each Adam took. With fp16 the loss scaler skips a step whose gradients overflowed.
+# If Adam took many fewer steps than there were iterations, training would have been lost.
 
 # %%
 for stage in plan_for(VARIANTS[MAIN_VARIANT]):
@@ -890,10 +890,10 @@ display(Markdown(
 #
 #    <details><summary>Answer</summary>
 #
-#    In the two-stage schedule, G1 first learns the layout at half size, which is cheap. Then G2 only has to add
-#    the detail on top of a trained G1. G1 alone must learn layout and detail at once, at full size. In the
-#    reference run it lost 2.7 dB of PSNR, and its outputs stayed noisy and checkered. Compare the two rows of
-#    your own ablation.
+#    The two-stage schedule splits the problem. G1 first learns the layout at half size, where an update is
+#    cheap and each convolution sees more of the scene. G2 then only adds the detail on top of a trained G1. G1
+#    alone must learn layout and detail at once, at full size. In the reference run it lost 2.7 dB of PSNR,
+#    and its outputs stayed noisy and checkered. Compare the two rows of your own ablation.
 #    </details>
 #
 # * Why does the loss scaler start at $2^8$ instead of torch's default $2^{16}$?
