@@ -96,7 +96,6 @@ if SMOKE:  # CI's tiny run: you can ignore this
 DATASET = os.environ.get("PIX2PIXHD_DATASET", DATASET)  # for longer offline runs
 N_TRAIN = int(os.environ.get("PIX2PIXHD_N_TRAIN", N_TRAIN))
 N_TEST = int(os.environ.get("PIX2PIXHD_N_TEST", N_TEST))
-INTERRUPT_AFTER_EPOCHS = sum(GLOBAL_EPOCHS) + 1  # the main run stops here once (G1 frozen)
 
 VARIANTS = {  # the ablation: the same epochs (so the same generator updates) for every variant
     "g1_g2_full": {"title": "G1 + G2, GAN + FM + VGG", "local": True,
@@ -509,10 +508,9 @@ def run_variant(key: str, stop_after: int | None = None) -> Trained:
 
 # %% [markdown]
 # ### Train the main variant
-# The first time, the cell stops the run once, after epoch `INTERRUPT_AFTER_EPOCHS`, as a disconnect would. Then
-# it resumes the run from its last checkpoint. Run the notebook again with the same `RUN_DIR` and the cell loads
-# the finished run instead of training it again: the output says "reusing the finished run". A run that stopped
-# halfway says "resuming" and goes on from its last epoch.
+# If Colab disconnects, re-run the cell: it resumes from the last checkpoint, and the output says "resuming".
+# Run the notebook again with the same `RUN_DIR` and the cell loads the finished run instead of training it
+# again: the output says "reusing the finished run". Section 9 shows a stop and a resume on a short run.
 #
 # ⏱ About 6 to 12 min on a T4 (estimated). Re-run this cell to continue.
 
@@ -524,17 +522,7 @@ if DEVICE.type == "cuda":
     torch.cuda.reset_peak_memory_stats(DEVICE)
 
 TOTAL_EPOCHS = sum(GLOBAL_EPOCHS) + sum(LOCAL_EPOCHS)
-saved = saved_epochs(MAIN_VARIANT, plan_for(VARIANTS[MAIN_VARIANT]), RUN_DIR)
-if saved < INTERRUPT_AFTER_EPOCHS:  # a new run: stop it once, as a disconnect would
-    interrupted = run_variant(MAIN_VARIANT, stop_after=INTERRUPT_AFTER_EPOCHS)
-    assert not interrupted.complete
-    assert interrupted.run.stopwatch.iterations == INTERRUPT_AFTER_EPOCHS * len(train_loader)
-    print(f"stopped after epoch {INTERRUPT_AFTER_EPOCHS} of {TOTAL_EPOCHS} "
-          f"({interrupted.run.stopwatch.iterations} iterations), as a disconnect would")
-main = run_variant(MAIN_VARIANT)  # resumes from the last checkpoint, or reuses a finished run
-if saved == TOTAL_EPOCHS:
-    print("(the stop and the resume were shown when this run was trained; to see them again, "
-          "set RUN_DIR to a new folder)")
+main = run_variant(MAIN_VARIANT)  # trains, resumes from its last checkpoint, or reuses it
 assert main.complete
 steps, _ = main.run.history.series("G/total")
 assert steps == list(range(1, len(steps) + 1)), "the resumed history must continue without gaps"
@@ -760,6 +748,44 @@ for stage in plan_for(VARIANTS[MAIN_VARIANT]):
     expected = {"opt_g": (sum(stage.epochs) - stage.fix_global) * n, "opt_d": sum(stage.epochs) * n}
     for name, steps in expected.items():  # at most 1 % of the steps skipped by the loss scaler
         assert adam_steps[name] >= 0.99 * steps, f"{name} took {adam_steps[name]} of {steps} steps"
+
+# %% [markdown]
+# ### Stop and resume
+# A disconnect stops a run after some epoch. The cell trains a short copy of the main variant on a few training
+# pairs, in a temporary folder. It stops the run once, inside the frozen-$G_1$ epoch of stage 2, as a disconnect
+# would. Then it calls the same function again, which resumes from the checkpoint. The loss history must go on
+# without a gap.
+
+# %%
+import shutil, tempfile
+from torch.utils.data import Subset
+
+drill_pairs = Subset(train_set, range(min(len(train_set), 2 * BATCH_SIZE)))
+drill_setup = replace(BASE_SETUP, loader=DataLoader(drill_pairs, BATCH_SIZE, shuffle=True,
+                                                    drop_last=True))
+drill_plan = two_stage_plan(IMAGE_SIZE, (1, 0), (1, 1), fix_global=1)  # 1 epoch, then 2 (G1 frozen)
+drill_dir = Path(tempfile.mkdtemp(prefix="pix2pixhd-resume-drill-"))  # fresh for every run
+STOP_AFTER = 2  # epochs: the first epoch of stage 2, with G1 frozen
+
+
+def drill(stop_after: int | None) -> Trained:
+    """The main variant's short copy: train, or resume from drill_dir."""
+    return train_variant("drill", drill_plan, build_generator, build_discriminator(), drill_setup,
+                         drill_dir, {**CONFIG, "variant": "drill"}, stop_after)
+
+
+env.seed_everything(SEED)
+stopped = drill(STOP_AFTER)
+n = len(drill_setup.loader)
+assert not stopped.complete and stopped.run.stopwatch.iterations == STOP_AFTER * n
+print(f"stopped after epoch {STOP_AFTER} of 3 ({STOP_AFTER * n} iterations), as a disconnect would")
+resumed = drill(None)
+assert resumed.complete and resumed.saved_before == STOP_AFTER
+steps, _ = resumed.run.history.series("G/total")
+assert steps == list(range(1, 3 * n + 1)), "the resumed history must continue without gaps"
+assert resumed.run.stopwatch.iterations == 3 * n
+shutil.rmtree(drill_dir / "checkpoints")  # free the disk: the drill's checkpoints are large
+del stopped, resumed
 
 # %% [markdown]
 # ### Speed: the plain step and the fast path
