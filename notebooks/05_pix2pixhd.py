@@ -15,7 +15,7 @@
 # * how to train in two stages that survive a disconnect
 # * what PSNR and SSIM measure, and what they miss
 #
-# ⏱ A full run takes about 25 to 45 min on a Colab T4 (estimated). The tiny CPU test run takes about 20 s.
+# ⏱ A full run takes about 25 to 45 min on a Colab T4 (estimated). The tiny CPU test run takes 20 to 30 s.
 
 # %% SETUP
 
@@ -134,7 +134,7 @@ print(f"training step: {FAST.describe()}")
 # other value stops the data loader with an error that names the file. The last 50 facades are held out for
 # evaluation.
 #
-# **Offline and in smoke mode: toy streets.** The notebook draws each scene itself, with 6 classes: sky, ground,
+# **Offline and in smoke mode: toy streets.** The notebook draws each scene itself, with six classes: sky, ground,
 # building, window, tree and sun. An *instance map* gives every building, tree and sun its own number. The photo
 # follows from the two maps: class colours, a sky and ground gradient, shaded trees, and a dark outline where two
 # buildings meet. Only the instance map shows where one building ends and the next begins. A small model can
@@ -685,7 +685,7 @@ display(Markdown(
     f"{gan_only_change:+.2f} dB."))
 
 # %% [markdown]
-# ### Reference results
+# ### Reference results of a smoke-sized run
 # *Toy streets at 32×32 pixels, smoke-sized models, 1,024 generator updates per variant, one seed, a two-core
 # CPU, random-weight VGG19.* The facades, the default data set, have no reference run yet. The model sizes and
 # the command are in experiments/RESULTS.md.
@@ -938,7 +938,7 @@ display(Markdown(
 # * Set `DATASET = "procedural_sketch"`: the same scenes as black-on-white sketches, with an RGB input.
 # * Change `FIX_GLOBAL_EPOCHS`, where 0 means no frozen phase. Compare the held-out SSIM and the samples over
 #   iterations.
-# * Replace instance norm by group norm in the cells of section 3, and compare quality and speed.
+# * Replace instance norm by group norm in the cells of sections 3 and 4, and compare quality and speed.
 # * Set `COMPILE = True` on a GPU and compare the two rows of the speed test in section 9, and `make bench`'s
 #   table.
 # * Add the paper's instance-wise feature encoder, from section 3.4 of the paper, for varied outputs from one
