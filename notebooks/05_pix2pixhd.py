@@ -15,7 +15,7 @@
 # * how to train in two stages that survive a disconnect
 # * what PSNR and SSIM measure, and what they miss
 #
-# ⏱ A full run takes about 25 to 45 min on a Colab T4 (estimated). The tiny CPU test run takes 20 to 30 s.
+# ⏱ A full run takes about 25 to 45 min on a Colab T4 (estimated). The tiny CPU test run takes 10 to 30 s.
 
 # %% SETUP
 
