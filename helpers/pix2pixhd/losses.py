@@ -55,7 +55,7 @@ def pix2pixhd_generator_loss(d_fake: Sequence[Sequence[Tensor]], d_real: Sequenc
                              lambda_vgg: float = 10.0) -> dict[str, Tensor]:
     """L_G = L_GAN + lambda_feat * L_FM + lambda_vgg * L_VGG, each term returned too (lambda 0 or
     no VGG features: that term is 0). L_GAN is the LSGAN generator loss on each scale's prediction,
-    summed over scales, without the seed's 1/2 (as the official code). d_fake must come from
+    summed over scales, without the course brief's 1/2 (as the official code). d_fake must come from
     D(G(x)) without detaching, d_real from D(real)."""
     gan = lsgan_generator_loss([scale[-1] for scale in d_fake])
     zero = gan.new_zeros(())
