@@ -64,7 +64,7 @@ from helpers.training import (History, Stopwatch, TrainingRun, count_parameters,
 # Settings you may change
 DATASET = os.environ.get("T2I_DATASET", "flowers")  # "flowers" (GPU) or "shapes" (CPU, no download)
 RECIPE = os.environ.get("T2I_RECIPE", "improved")   # or "paper": Reed et al. as published
-ITERATIONS = 30_000 if DATASET == "flowers" else 6000  # training steps (the paper: 30,000 on flowers)
+ITERATIONS = 30_000 if DATASET == "flowers" else 6000  # training steps (on flowers: as the paper)
 ITERATIONS = int(os.environ.get("T2I_ITERATIONS", ITERATIONS))
 BATCH_SIZE = 64                         # real images per training step (the paper: 64)
 TEXT_ENCODER = DEFAULT_ENCODER          # or "bert-base-uncased", "openai/clip-vit-base-patch32"
