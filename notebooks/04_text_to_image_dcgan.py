@@ -602,8 +602,8 @@ if DATASET == "shapes":
 # $$\text{CLIP score} = \max\left(100 \cdot \frac{1}{N}\sum_{i=1}^{N} \cos(E_I(x_i), E_T(t_i)),\ 0\right).$$
 #
 # We score generated test images with their captions. Real images give the ceiling. Generated images with
-# shuffled captions give the floor: the part of the score that has nothing to do with the caption. On shapes
-# there is no CLIP score, because the CPU run has no CLIP weights. In smoke mode the same code runs on a tiny
+# shuffled captions give the floor: the part of the score that has nothing to do with the caption. The shapes
+# run uses caption accuracy instead, so it needs no CLIP download. In smoke mode the same code runs on a tiny
 # CLIP with random weights, whose numbers mean nothing.
 
 # %%
