@@ -803,6 +803,7 @@ assert drill_steps == sorted(set(drill_steps)) and drill_steps[-1] == drill_leng
 assert drill.stopwatch.iterations == drill_length, "the stopwatch must count both halves"
 print(f"drill: {drill_length // 2} iterations, stopped, resumed to {drill.step}; "
       f"losses logged at {len(drill_steps)} points without a gap")
+drill_checkpoint.unlink()                                                # keep the run folder small
 
 # %% [markdown]
 # **Reload in a fresh session.** A later session needs only the checkpoint and the text cache. We build a new
@@ -861,9 +862,10 @@ print(metrics_path.read_text())
 # Your run's numbers:
 
 # %%
+verdict = ("It learned to judge the text, not only the realism." if wrong_belief < 0.5 else
+           "It has not yet learned to reject the wrong text: train longer.")
 takeaways = [f"- GAN-CLS: in the last 10 % of training, $D$'s belief in a real image with the "
-             f"wrong text was {wrong_belief:.2f}. It learned to judge the text, not only "
-             "the realism."]
+             f"wrong text was {wrong_belief:.2f}. {verdict}"]
 if DATASET == "shapes":
     takeaways.append(f"- Caption accuracy, {RECIPE} recipe: {100 * seen[0]:.1f} % seen, "
                      f"{100 * unseen[0]:.1f} % unseen, {100 * shuffled:.1f} % with shuffled "
