@@ -39,13 +39,13 @@ def interpolate_embeddings(t1: Tensor, t2: Tensor, beta: float = 0.5) -> Tensor:
 
 
 def feature_matching_mse(fake_features: Tensor, real_features: Tensor) -> Tensor:
-    """Seed's MSE term: mean over channels and positions of (batch mean of D's features on fakes
-    - batch mean on reals)^2; the real side is detached."""
+    """The course brief's feature-matching term: mean over channels and positions of (batch mean
+    of D's features on fakes - batch mean on reals)^2; the real side is detached."""
     return F.mse_loss(fake_features.mean(dim=0), real_features.detach().mean(dim=0))
 
 
 def l1_image_loss(fake: Tensor, real: Tensor) -> Tensor:
-    """Seed's L1 term: mean |G(z, t) - x| to the real image x of the same caption."""
+    """The course brief's L1 term: mean |G(z, t) - x| to the real image x of the same caption."""
     return F.l1_loss(fake, real.detach())
 
 
