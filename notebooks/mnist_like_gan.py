@@ -645,9 +645,10 @@ display(Markdown(f"""
 #
 #    <details><summary>Answer</summary>
 #
-#    The generator loss only says how well G fooled the discriminator of that moment. Early in
-#    training D is weak, so G fools it easily even with poor images. The loss says nothing about
-#    realism or variety. The FD scores the images themselves, so it picks better epochs.
+#    The generator loss only says how well G fooled the discriminator of that moment. D also learns
+#    during training, so the same loss means different things at different epochs. A low loss can
+#    come from a weak D, not from good images. The loss says nothing about realism or variety. The
+#    FD scores the images themselves, so it picks better epochs.
 #    </details>
 #
 # 2. The improved recipe samples from a moving average of G's weights. Does that average change how
