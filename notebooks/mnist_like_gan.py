@@ -172,8 +172,8 @@ plotting.show_grid(train_images[:64], f"{DATASET}: 64 training images",
 # %% [helpers] gan/model: Discriminator
 
 # %% [markdown]
-# Before training, the generator draws only noise. The grid below shows its first pictures. Every
-# sample figure in this notebook decodes these same 64 noise vectors, so you can compare them.
+# Before training, the generator draws only faint grey noise. The grid below shows its first pictures.
+# Every sample figure in this notebook decodes these same 64 noise vectors, so you can compare them.
 
 # %%
 G = Generator(LATENT_DIM, G_HIDDEN).to(DEVICE)
@@ -624,7 +624,7 @@ print(path.read_text())
 # %%
 ratio = improved_q["fd"] / baseline_q["fd"]
 verdict = (f"divide the baseline recipe's FD by {1 / ratio:.1f}" if ratio < 1 else
-           "did not beat the baseline recipe in this run, which is too short to tell them apart")
+           "did not beat the baseline recipe, because the run is too short to tell them apart")
 display(Markdown(f"""
 * {{TAKEAWAY}}.
   The samples-over-training figure shows shapes first, then strokes and details.
