@@ -1,16 +1,16 @@
-"""The measurements behind notebook 01/02's improved recipe: train the seed's fully-connected GAN with one set
+"""The measurements behind notebook 01/02's improved recipe: train the baseline recipe's fully-connected GAN with one set
 of changes and print the FD (the notebooks' classifier-feature FD on 2,000 samples, lower is better) every
 2,000 iterations, of G itself and of moving averages of G's weights.
 
-    OMP_NUM_THREADS=1 python experiments/ablate_gan.py FashionMNIST 8000 seed ttur+mbstd+adam09
+    OMP_NUM_THREADS=1 python experiments/ablate_gan.py FashionMNIST 8000 baseline ttur+mbstd+adam09
     python experiments/ablate_gan.py --list        # the variants
 
 Each variant starts from the same seed and sees the same batches; the moving averages never feed back into
 training, so one run scores every averaging rate at once. One run of 8,000 iterations takes 5-15 min on one
 CPU thread. The notebooks' modules do the work: helpers.gan's generator, recipe, batches and epoch loop
 (train_epoch), helpers.training's moving average (ema_update) and run record. What a variant changes is here:
-its discriminator and its losses, written with logits (BCE with logits equals the seed's BCE on sigmoid
-outputs), in a step that keeps the order of the seed's gan_train_step.
+its discriminator and its losses, written with logits (BCE with logits equals the baseline's BCE on sigmoid
+outputs), in a step that keeps the order of the baseline's gan_train_step.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from helpers.gan.model import IMAGE_PIXELS, Generator, Recipe
 from helpers.gan.train import GanPlan, batches, train_epoch
 from helpers.training import TrainingRun, ema_update
 
-# name -> changes to the seed's recipe
+# name -> changes to the baseline recipe
 VARIANTS = {
-    "seed": {},
+    "baseline": {},
     "sn": {"spectral_norm": True}, "ttur": {"ttur": True}, "hinge": {"loss": "hinge"},
     "smooth": {"smooth": 0.9}, "dropout": {"dropout": 0.3},
     "dropout+ttur": {"dropout": 0.3, "ttur": True},
@@ -64,7 +64,7 @@ class MinibatchStd(nn.Module):
 
 
 def discriminator(spectral_norm: bool = False, dropout: float = 0.0, mbstd: bool = False) -> nn.Module:
-    """The seed's 784-512-256-1 discriminator without its sigmoid (the losses take logits), with options."""
+    """The baseline's 784-512-256-1 discriminator without its sigmoid (the losses take logits), with options."""
     wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
     layers: list[nn.Module] = []
     width = IMAGE_PIXELS
@@ -78,12 +78,12 @@ def discriminator(spectral_norm: bool = False, dropout: float = 0.0, mbstd: bool
 
 
 def generator_loss(d_fake: torch.Tensor, loss: str) -> torch.Tensor:
-    """The seed's non-saturating BCE, or the hinge loss's -mean(D(G(z)))."""
+    """The baseline's non-saturating BCE, or the hinge loss's -mean(D(G(z)))."""
     return -d_fake.mean() if loss == "hinge" else F.softplus(-d_fake).mean()
 
 
 def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, loss: str, smooth: float) -> torch.Tensor:
-    """The seed's (real_loss + fake_loss) / 2 in BCE (the real label `smooth`, 1 for the seed), or hinge."""
+    """The baseline's (real_loss + fake_loss) / 2 in BCE (the real label `smooth`, 1 for the baseline), or hinge."""
     if loss == "hinge":
         return (F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()) / 2
     return (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, smooth))
@@ -93,7 +93,7 @@ def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, loss: str, sm
 def variant_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer,
                  averages: dict[str, nn.Module], loss: str, smooth: float, real: torch.Tensor,
                  z: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One iteration in the seed's order: a G step on the fakes, a D step on the real images and the
+    """One iteration in the baseline's order: a G step on the fakes, a D step on the real images and the
     detached fakes, then every moving average of G updated (helpers.training.ema_update)."""
     fake = G(z)
     g_loss = generator_loss(D(fake), loss)
@@ -110,7 +110,7 @@ def variant_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer,
 
 
 def variant_recipe(name: str) -> tuple[Recipe, dict[str, nn.Module]]:
-    """The seed's generator and a variant discriminator, their optimizers and the variant's step, as a
+    """The baseline's generator and a variant discriminator, their optimizers and the variant's step, as a
     helpers.gan Recipe; and the moving averages of G that the step updates."""
     options = VARIANTS[name]
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from helpers.gan.cuda_graph import choose_step
-from helpers.gan.model import improved_recipe, seed_recipe
+from helpers.gan.model import baseline_recipe, improved_recipe
 from helpers.training import time_per_step
 
 BATCH_SIZE = 64
@@ -35,7 +35,7 @@ def time_recipe(label: str, step_name: str, build, device: torch.device, reduced
 
 
 def run(device: torch.device, reduced: bool) -> list[dict]:
-    """The seed recipe's and the improved recipe's steps (the networks are small enough to keep their
+    """The baseline recipe's and the improved recipe's steps (the networks are small enough to keep their
     full-mode sizes on a CPU; `reduced` only shortens the timing)."""
-    return (time_recipe("01/02 seed", "gan_train_step", seed_recipe, device, reduced)
+    return (time_recipe("01/02 baseline", "gan_train_step", baseline_recipe, device, reduced)
             + time_recipe("01/02 improved", "improved_step", improved_recipe, device, reduced))

@@ -1,4 +1,4 @@
-"""The seed-003 GAN: parameter counts by hand, shapes, one step, a short run that must learn, resume through the
+"""The GAN of the course brief: parameter counts by hand, shapes, one step, a short run that must learn, resume through the
 real training loop, and the fast path's bookkeeping."""
 import copy
 import math
@@ -10,7 +10,7 @@ import torch
 from helpers.losses import bce_discriminator_loss, bce_generator_loss
 from helpers.gan.cuda_graph import choose_step, graphed_step, set_capturable, undone
 from helpers.gan.evaluate import gan_samples
-from helpers.gan.model import Discriminator, Generator, Recipe, gan_train_step, improved_recipe, seed_recipe
+from helpers.gan.model import Discriminator, Generator, Recipe, gan_train_step, improved_recipe, baseline_recipe
 from helpers.gan.train import GanPlan, batches, train_gan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,8 +101,8 @@ IMAGES = torch.rand(96, 1, 28, 28) * 2 - 1  # 3 batches of 32 per epoch
 
 
 def tiny_recipe() -> Recipe:
-    """A fresh small seed recipe, as a new session would build it."""
-    return seed_recipe(torch.device("cpu"), 8, (16, 32), (16,), lr=2e-3)
+    """A fresh small baseline recipe, as a new session would build it."""
+    return baseline_recipe(torch.device("cpu"), 8, (16, 32), (16,), lr=2e-3)
 
 
 def tiny_plan(epochs: int) -> GanPlan:
@@ -165,14 +165,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("recipe_name", ["seed", "improved"])
+@pytest.mark.parametrize("recipe_name", ["baseline", "improved"])
 def test_graphed_step_gives_the_eager_updates(device, recipe_name):
     """On CUDA the step is replayed as a CUDA graph; on a CPU (the T4 emulation) the same function runs
     its step eagerly on the static buffers, after the same warm-up and undo: the updates must be the eager
     step's (bit for bit on the CPU; within float32 rounding of the replayed kernels on CUDA)."""
     def build():
-        if recipe_name == "seed":
-            return seed_recipe(torch.device(device), 8, (16, 32), (16,), lr=2e-3)
+        if recipe_name == "baseline":
+            return baseline_recipe(torch.device(device), 8, (16, 32), (16,), lr=2e-3)
         return improved_recipe(torch.device(device), 8, (16, 32), (16,))
     torch.manual_seed(0)
     eager, graphed = build(), build()

@@ -3,8 +3,8 @@
 #   bash tools/run.sh                                  # CPU: the MNIST GAN, full mode, bounded to a few minutes
 #   NB="03_style_transfer 05_pix2pixhd" bash tools/run.sh   # on a GPU: the notebooks you name
 #   SMOKE=1 bash tools/run.sh                          # the CI-sized run instead
-# GAN_EPOCHS sets the GAN notebooks' length in epochs of 937 iterations (their full mode: 200, the seed's
-# 187,400 iterations per recipe). Without a GPU it defaults to CPU_GAN_EPOCHS, chosen so that the default run
+# GAN_EPOCHS sets the GAN notebooks' length in epochs of 937 iterations (their full mode: 200 epochs, the baseline
+# recipe's 187,400 iterations). Without a GPU it defaults to CPU_GAN_EPOCHS, chosen so that the default run
 # (01, both recipes) takes about 4 minutes on an idle 2-core CPU (245 s measured: README, "Measured results").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,9 +28,9 @@ folder = Path(sys.argv[1])
 m = json.loads((folder / "metrics.json").read_text())
 q = m["quality"]
 print(f"  {m['mode']} mode on {m['device']}: {m['iterations']:,} iterations in {m['seconds']:.0f} s of training")
-if "fd_seed" in q:  # the GAN notebooks: both recipes, scored on the samples in samples.npz
-    print(f"  FD (lower is better): improved recipe {q['fd']:.2f}, seed recipe {q['fd_seed']:.2f}; class coverage "
-          f"{q['coverage_nats']:.3f} vs {q['coverage_nats_seed']:.3f} nats (max 2.303)")
+if "fd_baseline" in q:  # the GAN notebooks: both recipes, scored on the samples in samples.npz
+    print(f"  FD (lower is better): improved recipe {q['fd']:.2f}, baseline recipe {q['fd_baseline']:.2f}; class coverage "
+          f"{q['coverage_nats']:.3f} vs {q['coverage_nats_baseline']:.3f} nats (max 2.303)")
     print(f"  samples: {folder / 'samples.npz'}; figures: {', '.join(p.name for p in sorted(folder.glob('*.png')))}")
 else:
     print("  quality:", json.dumps(q))

@@ -87,7 +87,7 @@ def gan_rows(run_root: Path, score: SampleQuality) -> tuple[dict, str]:
             recipes = record.get("recipes", {})
             rows = {}
             for name, key, recipe in (("improved GAN recipe", "images", "improved"),
-                                      ("baseline GAN recipe", "images_seed", "seed")):
+                                      ("baseline GAN recipe", "images_baseline", "baseline")):
                 rows[name] = {**score(uint8_to_model_input(saved[key])),
                               "train_seconds": recipes.get(recipe, {}).get("seconds", float("nan"))}
             return rows, f"GAN rows: your own notebook 02 run in {folder}"

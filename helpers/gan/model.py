@@ -1,5 +1,6 @@
-"""The fully-connected GAN of seed 003 (MNIST / FashionMNIST): the two networks, the seed's training
-step and recipe, and an improved recipe beside it. Notebooks 01 and 02 share this code."""
+"""The fully-connected GAN of the course brief (MNIST / FashionMNIST): the two networks, the
+baseline recipe's training step and recipe, and an improved recipe beside it. Notebooks 01 and 02
+share this code."""
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,8 @@ class Discriminator(nn.Module):
 
 def gan_train_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer, real: Tensor,
                z: Tensor) -> dict[str, Tensor]:
-    """One iteration of seed 003: a G step on the fakes G(z) labelled real, then a D step on
-    d_loss = (real_loss + fake_loss) / 2 with the fakes detached. Returns the values to log."""
+    """One iteration of the baseline recipe: a G step on the fakes G(z) labelled real, then a D
+    step on d_loss = (real_loss + fake_loss) / 2 with the fakes detached. Returns what to log."""
     fake = G(z)
     g_loss = bce_generator_loss(D(fake))
     opt_g.zero_grad(set_to_none=True)
@@ -101,19 +102,20 @@ class Recipe:
         return state if self.sampler is self.G else {**state, "sampler": self.sampler}
 
 
-def seed_recipe(device: torch.device, latent_dim: int = 100,
+def baseline_recipe(device: torch.device, latent_dim: int = 100,
                 g_hidden: Sequence[int] = (128, 256, 512, 1024),
                 d_hidden: Sequence[int] = (512, 256), lr: float = 2e-4,
                 betas: tuple[float, float] = (0.5, 0.999)) -> Recipe:
-    """Seed 003's recipe: its generator and discriminator, BCE losses, Adam(lr, betas) for both."""
+    """The baseline recipe of the course brief: its generator and discriminator, BCE losses,
+    Adam(lr, betas) for both."""
     G = Generator(latent_dim, g_hidden).to(device)
     D = Discriminator(d_hidden).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=betas)
-    config = {"recipe": "seed", "latent_dim": latent_dim, "g_hidden": list(g_hidden),
+    config = {"recipe": "baseline", "latent_dim": latent_dim, "g_hidden": list(g_hidden),
               "d_hidden": list(d_hidden), "lr": lr, "betas": list(betas)}
     step = partial(gan_train_step, G, D, opt_g, opt_d)
-    return Recipe("seed", G, D, opt_g, opt_d, step, G, config)
+    return Recipe("baseline", G, D, opt_g, opt_d, step, G, config)
 
 
 # --- the improved recipe --------------------------------------------------------------------------
@@ -121,7 +123,7 @@ def seed_recipe(device: torch.device, latent_dim: int = 100,
 
 def improved_step(G: nn.Module, D: nn.Module, opt_g: Optimizer, opt_d: Optimizer, G_ema: nn.Module,
                   decay: float, real: Tensor, z: Tensor) -> dict[str, Tensor]:
-    """The seed's step, then the moving average of G's weights updated."""
+    """The baseline step, then the moving average of G's weights updated."""
     out = gan_train_step(G, D, opt_g, opt_d, real, z)
     ema_update(G_ema, G, decay)
     return out
@@ -131,9 +133,9 @@ def improved_recipe(device: torch.device, latent_dim: int = 100,
                     g_hidden: Sequence[int] = (128, 256, 512, 1024),
                     d_hidden: Sequence[int] = (512, 256), lr: float = 2e-4,
                     betas: tuple[float, float] = (0.0, 0.9), ema_decay: float = 0.99) -> Recipe:
-    """The improved recipe: the seed's recipe with Adam(lr, betas) without momentum, and samples
+    """The improved recipe: the baseline recipe with Adam(lr, betas) without momentum, and samples
     drawn from a moving average of G's weights."""
-    base = seed_recipe(device, latent_dim, g_hidden, d_hidden, lr, betas)
+    base = baseline_recipe(device, latent_dim, g_hidden, d_hidden, lr, betas)
     G_ema = copy.deepcopy(base.G).requires_grad_(False)
     step = partial(improved_step, base.G, base.D, base.opt_g, base.opt_d, G_ema, ema_decay)
     config = {**base.config, "recipe": "improved", "ema_decay": ema_decay}
