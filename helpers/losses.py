@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# --- GAN losses: binary cross-entropy (seed 003) ------------------------------------------------
+# --- GAN losses: binary cross-entropy (the course brief's baseline recipe) ---------------------
 
 
 def bce_discriminator_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
-    """Seed 003: d_loss = (real_loss + fake_loss) / 2, with D's outputs as probabilities in (0, 1).
+    """The baseline recipe of the course brief: d_loss = (real_loss + fake_loss) / 2,
+    with D's outputs as probabilities in (0, 1).
 
     real_loss = BCE(D(x), 1) = -mean(log D(x))
     fake_loss = BCE(D(G(z)), 0) = -mean(log(1 - D(G(z))))
@@ -25,8 +26,8 @@ def bce_discriminator_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
 
 
 def bce_generator_loss(d_fake: Tensor) -> Tensor:
-    """Seed 003: g_loss = BCE(D(G(z)), 1) = -mean(log D(G(z))): the fakes labelled real (the
-    non-saturating loss)."""
+    """The baseline recipe: g_loss = BCE(D(G(z)), 1) = -mean(log D(G(z))): the fakes labelled
+    real (the non-saturating loss)."""
     return F.binary_cross_entropy(d_fake, torch.ones_like(d_fake))
 
 

@@ -100,7 +100,8 @@ def plot_losses(history: History, names: Sequence[str], title: str, path: str | 
 
 def show_over_iterations(snapshots: Mapping[int, Tensor], title: str, path: str | os.PathLike | None = None,
                          nrow: int = 8, value_range: tuple[float, float] = (-1.0, 1.0)) -> plt.Figure:
-    """The seed's table as one figure: the same noise decoded at several iterations, one column per iteration."""
+    """The course brief's table of samples as one figure: the same noise decoded at several iterations, one
+    column per iteration."""
     if not snapshots:
         raise ValueError("no snapshots to show; train for at least one snapshot interval first")
     fig, axes = plt.subplots(1, len(snapshots), figsize=(3 * len(snapshots), 3.4), squeeze=False)

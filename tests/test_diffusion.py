@@ -326,7 +326,7 @@ def test_the_gan_rows_come_from_notebook_02s_full_run_when_there_is_one(tmp_path
     folder = tmp_path / "02_fashion_mnist_gan"
     folder.mkdir()
     fake = np.random.default_rng(0).integers(0, 256, (50, 28, 28), dtype=np.uint8)
-    np.savez(folder / "samples.npz", images=fake, images_seed=fake[::-1])
+    np.savez(folder / "samples.npz", images=fake, images_baseline=fake[::-1])
     (folder / "metrics.json").write_text(json.dumps({"mode": "full", "recipes": {"improved": {"seconds": 9.0}}}))
     rows, caption = ev.gan_rows(tmp_path, score)
     assert "your own" in caption and rows["improved GAN recipe"]["train_seconds"] == 9.0
