@@ -1,7 +1,6 @@
 """helpers/sd_lora (notebook 06), training: the noising loss, the step with gradient accumulation, the loop with
 checkpoints and resume, the step's precision (T4 emulation) and the gradient-checkpointing decision."""
 import math
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from helpers.sd_lora import pipeline as sd_pipeline, train as sd_train
 from helpers.training import History, TrainingRun
 
 
-FP32 = sd_train.MixedPrecision(nullcontext, None, "fp32")
+from sd_lora_steps import FP32  # tests/sd_lora_steps.py
+from sd_lora_steps import accelerator as _accelerator, scheduler as _scheduler, train_steps as _train
 EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -23,29 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return sd_pipeline.resolve_model_id(sd_pipeline.TINY_MODEL_ID, tmp_path_factory.mktemp("sd"))
-
-
-def _accelerator(mixed_precision="no"):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one global state
-    return Accelerator(mixed_precision=mixed_precision, cpu=True)
-
-
-def _scheduler(model):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-
-
-def _train(unet, model, steps=2, lr=1e-2):
-    """A few LoRA steps on random latents and text states (the UNet's input sizes), through the notebook's step."""
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        micro_batches = [(torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)) for _ in range(2)]
-        sd_train.lora_training_step(unet, optimizer, micro_batches, _scheduler(model), _accelerator(), FP32, 5.0)
-    return optimizer
 
 
 # --- the loss, the step and the loop -------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """helpers/sd_lora (notebook 06), the model: the tiny offline pipeline, LoRA counts, the adapter (training only its
 weights, saving, reloading, its checkpoint view), and the errors of model loading and QLoRA."""
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from helpers.sd_lora import train as sd_train
 from helpers.training import count_parameters
 
 
-FP32 = sd_train.MixedPrecision(nullcontext, None, "fp32")
+from sd_lora_steps import FP32  # tests/sd_lora_steps.py
+from sd_lora_steps import accelerator as _accelerator, scheduler as _scheduler, train_steps as _train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,29 +57,6 @@ def test_tiny_tokenizer_is_character_level(tmp_path):
 
 
 # --- the adapter: trained alone, saved, reloaded -------------------------------------------------------------
-
-
-def _accelerator(mixed_precision="no"):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one global state
-    return Accelerator(mixed_precision=mixed_precision, cpu=True)
-
-
-def _scheduler(model):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_pretrained(model, subfolder="scheduler")
-
-
-def _train(unet, model, steps=2, lr=1e-2):
-    """A few LoRA steps on random latents and text states (the UNet's input sizes), through the notebook's step."""
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        micro_batches = [(torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)) for _ in range(2)]
-        sd_train.lora_training_step(unet, optimizer, micro_batches, _scheduler(model), _accelerator(), FP32, 5.0)
-    return optimizer
 
 
 PROBE = (torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([500]),
