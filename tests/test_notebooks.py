@@ -155,7 +155,7 @@ ROLE_NAMES = {"Generator", "Discriminator"}  # each GAN family's own, in its own
 FAMILY_OF = {"01": "gan", "02": "gan", "03": "style", "04": "t2i", "05": "pix2pixhd", "06": "sd_lora",
              "07": "diffusion"}
 MAX_MODULE_LINES = 350
-MAX_CORE_LINES = 1500  # the shared core: every helpers/*.py together (1,496 lines in December 2026)
+MAX_CORE_LINES = 1550  # the shared core: every helpers/*.py together (1,498 lines in December 2026)
 
 
 def helper_modules() -> list[Path]:
