@@ -85,9 +85,9 @@ def measure(name: str) -> dict:
     n = max(len(all_words), 1)
     lengths = [len(words(s)) for s in sentences(prose)]
     intro = "\n\n".join(prose_of(c.source) for c in cells[:setup_at] if c.cell_type == "markdown")
-    run_time = RUN_TIME.search("\n".join(c.source for c in cells[:setup_at]))
-    run_time_words = len(words(prose_of(cells[:setup_at][-1].source[run_time.start():].split("\n\n")[0])))
-    run_time_words = run_time_words if run_time else 999
+    intro_source = "\n\n".join(c.source for c in cells[:setup_at] if c.cell_type == "markdown")
+    run_time = RUN_TIME.search(intro_source)  # the paragraph that starts with the ⏱ line
+    run_time_words = len(words(prose_of(intro_source[run_time.start():].split("\n\n")[0]))) if run_time else 999
     intro_words = len(words(intro)) - (run_time_words if run_time else 0)
     code = [c for c in cells[setup_at + 1:] if c.cell_type == "code"]
     visible = [c.source for c in code if not c.source.startswith("#@title")]
